@@ -1,0 +1,241 @@
+//! [`Srcu`]: one domain, its options, and the read-side entry point.
+
+use crate::callbacks::Callbacks;
+use crate::flavor::{Classic, CounterPath, Fast, Flavor, ReaderMode};
+use crate::grace_period::GracePeriods;
+use crate::guard::ReadGuard;
+use crate::percpu::Counters;
+use crate::stall::{StallHook, StallReport};
+use crate::sync::{Arc, AtomicUsize};
+use core::marker::PhantomData;
+use core::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+/// The shared state of a domain. The handle ([`Srcu`]), the callback worker
+/// and every [`crate::SrcuCell`] of the domain point at it.
+pub(crate) struct Inner {
+    /// `srcu_idx`: bit 0 is the index new readers use; the driver of the
+    /// grace period adds 1 to flip it (between barriers E and D).
+    pub(crate) idx: AtomicUsize,
+    /// Readers execute no fence; grace periods use membarrier.
+    pub(crate) fast: bool,
+    pub(crate) counters: Counters,
+    pub(crate) gp: GracePeriods,
+    pub(crate) cbs: Callbacks,
+    pub(crate) stall_timeout: Duration,
+    pub(crate) stall_hook: StallHook,
+}
+
+impl Inner {
+    /// Identity of the domain, for checking that guards and cells match.
+    #[inline(always)]
+    pub(crate) fn id(&self) -> usize {
+        self as *const Inner as usize
+    }
+}
+
+/// A sleepable-RCU domain.
+///
+/// Readers call [`read_lock`](Srcu::read_lock) and hold the returned
+/// [`ReadGuard`] for as long as they use SRCU-protected data, sleeping or
+/// blocking inside if they like. Updaters unpublish an object and then call
+/// [`synchronize`](Srcu::synchronize) (blocking) or
+/// [`call_srcu`](Srcu::call_srcu) (deferred) before freeing it: both wait
+/// for every read section that began before them. Independent domains never
+/// wait for each other's readers.
+///
+/// `F` picks the flavor: [`Classic`] (default) or [`Fast`]; see [`Flavor`]
+/// for when to pick which.
+///
+/// ```
+/// use srcu::Srcu;
+/// let srcu = Srcu::new();
+/// {
+///     let _g = srcu.read_lock();
+///     // ... read SRCU-protected data; may sleep ...
+/// }
+/// srcu.synchronize(); // no reader from before this line remains
+/// ```
+///
+/// Dropping the domain waits one grace period if callbacks are pending and
+/// runs them all: nothing queued with `call_srcu` is lost.
+pub struct Srcu<F: Flavor = Classic> {
+    pub(crate) inner: Arc<Inner>,
+    _flavor: PhantomData<F>,
+}
+
+/// Options for a domain; from [`Srcu::builder`].
+#[must_use]
+pub struct Builder<F: Flavor = Classic> {
+    force_atomic: bool,
+    nr_cpus: Option<usize>,
+    preset: Option<usize>,
+    stall_timeout: Duration,
+    stall_hook: Option<StallHook>,
+    _flavor: PhantomData<F>,
+}
+
+impl<F: Flavor> Builder<F> {
+    /// Use atomic read-modify-writes for the counters even where rseq is
+    /// available (the fallback path; for tests and for comparison).
+    pub fn force_atomic_counters(mut self, yes: bool) -> Self {
+        self.force_atomic = yes;
+        self
+    }
+
+    /// The number of per-CPU slots (default: the number of possible CPUs).
+    /// Threads on CPUs numbered at or above it use the shared slots.
+    pub fn cpu_slots(mut self, n: usize) -> Self {
+        self.nr_cpus = Some(n.max(1));
+        self
+    }
+
+    /// Starts every counter at `value` instead of 0, to test wrap-around
+    /// (e.g. `usize::MAX - 10`).
+    pub fn preset_counters(mut self, value: usize) -> Self {
+        self.preset = Some(value);
+        self
+    }
+
+    /// How long a grace period may wait before the stall hook fires
+    /// (default 10 s). The hook fires once per grace period.
+    pub fn stall_timeout(mut self, timeout: Duration) -> Self {
+        self.stall_timeout = timeout;
+        self
+    }
+
+    /// Replaces the stall hook (default: one line on stderr).
+    pub fn on_stall(mut self, hook: impl Fn(&StallReport) + Send + Sync + 'static) -> Self {
+        self.stall_hook = Some(std::sync::Arc::new(hook));
+        self
+    }
+
+    /// Creates the domain: allocates the per-CPU slots, and for the fast
+    /// flavor registers the process with membarrier (once per process).
+    pub fn build(self) -> Srcu<F> {
+        let counters = match self.nr_cpus {
+            Some(n) => Counters::with_cpus(n, self.force_atomic),
+            None => Counters::new(self.force_atomic),
+        };
+        if let Some(v) = self.preset {
+            counters.preset(v);
+        }
+        let fast = F::FAST && crate::membarrier::register();
+        Srcu {
+            inner: Arc::new(Inner {
+                idx: AtomicUsize::new(0),
+                fast,
+                counters,
+                gp: GracePeriods::new(),
+                cbs: Callbacks::new(),
+                stall_timeout: self.stall_timeout,
+                stall_hook: self.stall_hook.unwrap_or_else(crate::stall::default_hook),
+            }),
+            _flavor: PhantomData,
+        }
+    }
+}
+
+impl Srcu<Classic> {
+    /// A classic-flavor domain with default options.
+    pub fn new() -> Self {
+        Self::builder().build()
+    }
+}
+
+impl Srcu<Fast> {
+    /// A fast-flavor domain with default options. Falls back to the classic
+    /// barriers if membarrier is unavailable; [`Srcu::reader_mode`] says
+    /// which is active.
+    pub fn new_fast() -> Self {
+        Self::builder().build()
+    }
+}
+
+impl<F: Flavor> Default for Srcu<F> {
+    fn default() -> Self {
+        Self::builder().build()
+    }
+}
+
+impl<F: Flavor> Srcu<F> {
+    /// Options for a new domain of flavor `F`.
+    pub fn builder() -> Builder<F> {
+        Builder {
+            force_atomic: false,
+            nr_cpus: None,
+            preset: None,
+            stall_timeout: Duration::from_secs(10),
+            stall_hook: None,
+            _flavor: PhantomData,
+        }
+    }
+
+    /// Enters a read section; dropping the guard leaves it.
+    ///
+    /// Never blocks, allocates or makes a system call. Sections nest, and
+    /// the guard may be sent to and dropped on another thread.
+    ///
+    /// Ordering: in the classic flavor, every access after `read_lock` is
+    /// ordered after it by a full barrier (B). In the fast flavor there is
+    /// no fence; the grace period's membarrier provides the same guarantee
+    /// to the updater. Use [`ReadGuard::mb_after_read_lock`] if the section
+    /// must also be ordered after plain accesses that came before it.
+    #[inline]
+    pub fn read_lock(&self) -> ReadGuard<'_, F> {
+        let inner = &*self.inner;
+        // Pairs with barriers D and E around the flip: a reader that reads
+        // a stale index is covered by the grace period's first scan.
+        let idx = inner.idx.load(Relaxed) & 1;
+        inner.counters.inc_lock(idx, F::FAST && inner.fast);
+        ReadGuard::new(self, idx)
+    }
+
+    /// Leaves a read section entered with index `idx` (the guard's drop).
+    #[inline]
+    pub(crate) fn read_unlock(&self, idx: usize) {
+        self.inner.counters.inc_unlock(idx);
+    }
+
+    /// Which barriers readers execute: [`ReaderMode::Membarrier`] for a fast
+    /// domain whose process could register with membarrier, otherwise
+    /// [`ReaderMode::FullBarrier`].
+    pub fn reader_mode(&self) -> ReaderMode {
+        if self.inner.fast {
+            ReaderMode::Membarrier
+        } else {
+            ReaderMode::FullBarrier
+        }
+    }
+
+    /// How the counters are bumped: rseq on this CPU's slot, or atomics.
+    pub fn counter_path(&self) -> CounterPath {
+        self.inner.counters.path()
+    }
+
+    /// Number of read sections in progress (approximate while readers come
+    /// and go; exact when quiescent). For diagnostics and tests.
+    pub fn readers(&self) -> usize {
+        let c = &self.inner.counters;
+        c.readers(0).wrapping_add(c.readers(1))
+    }
+}
+
+impl<F: Flavor> core::fmt::Debug for Srcu<F> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Srcu")
+            .field("flavor", &F::NAME)
+            .field("reader_mode", &self.reader_mode())
+            .field("counter_path", &self.counter_path())
+            .field("completed_grace_periods", &self.inner.gp.completed())
+            .finish()
+    }
+}
+
+impl<F: Flavor> Drop for Srcu<F> {
+    fn drop(&mut self) {
+        // No guard can outlive the handle (guards borrow it), so after the
+        // worker has drained the queue nothing can be left waiting.
+        self.inner.cbs.shutdown(&self.inner);
+    }
+}

@@ -1,0 +1,115 @@
+//! Sleepable RCU (SRCU) for userspace, with per-CPU counters.
+//!
+//! Readers enter a section with [`Srcu::read_lock`], which costs about a
+//! nanosecond in the [`Fast`] flavor (two non-locked per-CPU adds in
+//! restartable sequences, no fence) and one locked add in the [`Classic`]
+//! flavor, and may block or sleep inside it. Updaters unpublish data and wait
+//! for pre-existing readers with [`Srcu::synchronize`], or defer the free with
+//! [`Srcu::call_srcu`]. This is the design of Linux's `kernel/rcu/srcutree.c`
+//! (the two-index flip, split lock/unlock counters summed per index), brought
+//! to userspace with rseq and `membarrier(2)`.
+//!
+//! ```
+//! use srcu::{Srcu, SrcuCell, UpdateLock};
+//! use std::sync::Arc;
+//!
+//! let srcu = Arc::new(Srcu::new());
+//! let lock = Arc::new(UpdateLock::new(()));
+//! let config = Arc::new(SrcuCell::new(&srcu, &lock, Some(String::from("v1"))));
+//!
+//! let reader = {
+//!     let (srcu, config) = (srcu.clone(), config.clone());
+//!     std::thread::spawn(move || {
+//!         let guard = srcu.read_lock();
+//!         let v = config.dereference(&guard).unwrap();
+//!         assert!(v == "v1" || v == "v2"); // old or new, never freed memory
+//!     })
+//! };
+//! let old = config.assign(String::from("v2"), &lock.lock());
+//! drop(old); // freed by call_srcu after a grace period
+//! reader.join().unwrap();
+//! srcu.barrier(); // all deferred frees done
+//! ```
+//!
+//! # When to use it (and when not)
+//!
+//! * Use it when reads are hot, many threads read at once, readers may block
+//!   (a device handler that takes a lock or does I/O), and updates are rare:
+//!   a VMM's I/O bus, routing tables, configuration.
+//! * An `RwLock` is simpler when read sections are long and updates must be
+//!   immediate and frequent; `arc-swap` is simpler when a reader only needs a
+//!   snapshot and updates should not wait at all; `crossbeam-epoch` is the
+//!   right tool for lock-free data structures with many small frees, but its
+//!   readers must not block (a pinned thread holds back every collection).
+//!
+//! # Flavors
+//!
+//! See [`Flavor`]. The flavor is a type parameter (`Srcu<Classic>`, the
+//! default, or `Srcu<Fast>`), so [`ReadGuard::mb_after_read_lock`] compiles
+//! to nothing in the classic flavor.
+//!
+//! # Memory ordering
+//!
+//! Every barrier is lettered as in srcutree.c; the list, with each pairing,
+//! is in the (private) `barriers` module, reproduced in the crate's README.
+//! In short: `synchronize` returns only after every section that began
+//! before it has ended; a section that began after `synchronize` was called
+//! sees every store the caller made before calling it (when it reads it
+//! through the section); `call_srcu` callbacks run after such a grace period.
+//!
+//! # Platform
+//!
+//! rseq is used on x86_64 Linux with glibc 2.35 or newer (it registers an
+//! rseq area for every thread); elsewhere, or when it is not registered, the
+//! counters use atomic read-modify-writes ([`Srcu::counter_path`] says
+//! which). The fast flavor needs `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`
+//! (Linux 4.14+) and falls back to the classic barriers without it
+//! ([`Srcu::reader_mode`]).
+
+#![deny(missing_docs)]
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(clippy::undocumented_unsafe_blocks)]
+
+mod barriers;
+mod callbacks;
+mod cell;
+mod domain;
+mod flavor;
+mod grace_period;
+mod guard;
+mod held;
+mod membarrier;
+mod percpu;
+mod rseq;
+mod stall;
+mod sync;
+mod update;
+
+pub use cell::{SrcuCell, Stale};
+pub use domain::{Builder, Srcu};
+pub use flavor::{Classic, CounterPath, Fast, Flavor, ReaderMode};
+pub use grace_period::GpCookie;
+pub use guard::ReadGuard;
+pub use stall::StallReport;
+pub use update::{UpdateGuard, UpdateLock};
+
+#[doc(hidden)]
+pub mod __private {
+    //! For the crate's own litmus and teeth tests only; not a stable API.
+    use crate::{Flavor, Srcu};
+
+    /// One drain check of index `idx` (sum unlocks, A, sum locks).
+    pub fn drained<F: Flavor>(srcu: &Srcu<F>, idx: usize) -> bool {
+        srcu.inner.counters.drained(idx, srcu.inner.fast)
+    }
+
+    /// The index new readers use now.
+    pub fn current_index<F: Flavor>(srcu: &Srcu<F>) -> usize {
+        srcu.inner.idx.load(core::sync::atomic::Ordering::Relaxed) & 1
+    }
+
+    /// True if both indices are balanced (no lost increment).
+    pub fn balanced<F: Flavor>(srcu: &Srcu<F>) -> bool {
+        srcu.readers() == 0
+    }
+}

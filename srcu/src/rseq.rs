@@ -1,0 +1,209 @@
+//! Restartable sequences: the per-CPU increment and the current-CPU hint.
+//!
+//! # The contract
+//!
+//! glibc 2.35+ registers a `struct rseq` for every thread it creates and
+//! exports its offset from the thread pointer as `__rseq_offset` (and its size
+//! as `__rseq_size`, 0 when registration is off, e.g. via the
+//! `glibc.pthread.rseq=0` tunable). The fields used here:
+//!
+//! | offset | field | use |
+//! |---|---|---|
+//! | 4 | `cpu_id: u32` | the CPU this thread runs on; `u32::MAX - 1` if registration failed |
+//! | 8 | `rseq_cs: u64` | pointer to the descriptor of the critical section in progress |
+//!
+//! [`percpu_inc`] is a restartable sequence: it stores the address of its
+//! descriptor into `rseq_cs`, reads `cpu_id`, computes the counter's address,
+//! and commits with a single non-locked `add` as its last instruction. If the
+//! kernel preempts, migrates or signals the thread between the start label
+//! and the commit, it moves the instruction pointer to the abort handler,
+//! which restarts from the top. So the `add` only ever runs on the CPU whose
+//! counter it updates, and since every writer of a per-CPU counter goes
+//! through this sequence, no update is lost without a `lock` prefix.
+//!
+//! The abort handler is preceded by the 4-byte signature glibc registered
+//! (`RSEQ_SIG`, 0x53053053 on x86), which the kernel checks before it jumps
+//! there; the three bytes before it make the signature decode as a `ud1`
+//! instruction, as librseq does, so disassemblers stay in sync.
+//!
+//! Callers must never write a counter that this sequence writes with any
+//! other instruction (see `percpu.rs`): a plain `add` racing with a `lock
+//! add` from another CPU can lose either.
+
+/// Where the rseq area of every thread lives: its offset from the thread
+/// pointer, found once per process.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RseqOffset(pub(crate) isize);
+
+/// Looks up glibc's rseq registration. `None` if the C library does not
+/// register rseq for its threads (old glibc, musl, tunable off) or the
+/// calling thread's registration failed.
+#[cfg(all(
+    target_os = "linux",
+    target_arch = "x86_64",
+    target_env = "gnu",
+    not(loom)
+))]
+pub(crate) fn detect() -> Option<RseqOffset> {
+    use std::sync::OnceLock;
+    static OFFSET: OnceLock<Option<isize>> = OnceLock::new();
+    let off = (*OFFSET.get_or_init(|| {
+        // SAFETY: dlsym with RTLD_DEFAULT and NUL-terminated names only
+        // looks symbols up; a null result means "not exported".
+        let (size, off) = unsafe {
+            (
+                libc::dlsym(libc::RTLD_DEFAULT, c"__rseq_size".as_ptr()),
+                libc::dlsym(libc::RTLD_DEFAULT, c"__rseq_offset".as_ptr()),
+            )
+        };
+        if size.is_null() || off.is_null() {
+            return None;
+        }
+        // SAFETY: glibc defines `__rseq_size` as `const unsigned int` and
+        // `__rseq_offset` as `const ptrdiff_t`; both are initialised before
+        // any user code runs and never change afterwards.
+        let (size, off) = unsafe { (*(size as *const u32), *(off as *const isize)) };
+        // The fields used here end at offset 16; the original ABI size is 32.
+        (size >= 16).then_some(off)
+    }))?;
+    let rseq = RseqOffset(off);
+    // Registration can still fail per thread (seccomp, a foreign clone).
+    (cpu_id(rseq) < u32::MAX - 1).then_some(rseq)
+}
+
+/// Non-glibc or non-x86_64 targets: no rseq, always the atomic path.
+#[cfg(not(all(
+    target_os = "linux",
+    target_arch = "x86_64",
+    target_env = "gnu",
+    not(loom)
+)))]
+pub(crate) fn detect() -> Option<RseqOffset> {
+    None
+}
+
+/// The CPU the calling thread was on a moment ago: one load from its rseq
+/// area. A hint only (the thread may migrate right after).
+#[cfg(all(target_os = "linux", target_arch = "x86_64", not(loom)))]
+#[inline(always)]
+pub(crate) fn cpu_id(rseq: RseqOffset) -> u32 {
+    let cpu: u32;
+    // SAFETY: `rseq.0` came from glibc's `__rseq_offset`, so `fs:[off + 4]`
+    // is the `cpu_id` field of this thread's registered rseq area, which
+    // lives as long as the thread. The load has no side effect.
+    unsafe {
+        core::arch::asm!(
+            "mov {cpu:e}, dword ptr fs:[{off} + 4]",
+            off = in(reg) rseq.0,
+            cpu = out(reg) cpu,
+            options(nostack, readonly, preserves_flags),
+        );
+    }
+    cpu
+}
+
+#[cfg(not(all(target_os = "linux", target_arch = "x86_64", not(loom))))]
+#[inline(always)]
+pub(crate) fn cpu_id(_rseq: RseqOffset) -> u32 {
+    u32::MAX
+}
+
+/// Adds 1 to the `u64` at `base + cpu * 128`, where `cpu` is the CPU the
+/// thread runs on at commit time, as a restartable sequence. Returns
+/// `false`, having written nothing, if `cpu >= nr_cpus`.
+///
+/// # Safety
+///
+/// * `rseq` must come from [`detect`] (the thread's rseq area is registered).
+/// * `base + c * 128` must be valid for writes of a `u64` for every
+///   `c < nr_cpus`, and no code may write those words other than through
+///   this function (or while no thread can run it).
+#[cfg(all(target_os = "linux", target_arch = "x86_64", not(loom)))]
+#[inline(always)]
+pub(crate) unsafe fn percpu_inc(rseq: RseqOffset, base: *mut u64, nr_cpus: u32) -> bool {
+    let ok: u32;
+    // Labels: 2 retry (re-arm rseq_cs, the kernel clears it on abort),
+    // 3 descriptor, 4 start_ip, 5 post-commit, 6 abort_ip, 7 out of range,
+    // 8 done. The descriptor is `struct rseq_cs { u32 version; u32 flags;
+    // u64 start_ip; u64 post_commit_offset; u64 abort_ip; }`, 32-byte
+    // aligned.
+    #[cfg(not(srcu_teeth = "rseq_restart"))]
+    macro_rules! arm {
+        () => {
+            "lea rax, [rip + 3b]\n mov qword ptr fs:[{off} + 8], rax"
+        };
+    }
+    // Teeth: without arming rseq_cs the add is no longer restarted on
+    // preemption, so two threads on one CPU can lose increments.
+    #[cfg(srcu_teeth = "rseq_restart")]
+    macro_rules! arm {
+        () => {
+            "lea rax, [rip + 3b]"
+        };
+    }
+    // SAFETY: see the module docs and this function's contract. The asm
+    // writes only `rseq_cs` of this thread's rseq area and the counter word;
+    // it is a compiler barrier (no `nomem`), which is all barriers B and C
+    // need in the fast flavor and all C needs on x86_64 (TSO makes the
+    // store a release).
+    unsafe {
+        core::arch::asm!(
+            ".pushsection __rseq_cs, \"aw\"",
+            ".balign 32",
+            "3:",
+            ".long 0, 0",
+            ".quad 4f, (5f - 4f), 6f",
+            ".popsection",
+            "2:",
+            arm!(),
+            "4:",
+            "mov eax, dword ptr fs:[{off} + 4]",
+            "cmp eax, {nr:e}",
+            "jae 7f",
+            "shl rax, 7",
+            "add qword ptr [{base} + rax], 1",
+            "5:",
+            "mov {ok:e}, 1",
+            "jmp 8f",
+            ".pushsection __rseq_failure, \"ax\"",
+            ".byte 0x0f, 0xb9, 0x3d",
+            ".long 0x53053053",
+            "6:",
+            "jmp 2b",
+            ".popsection",
+            "7:",
+            "xor {ok:e}, {ok:e}",
+            "8:",
+            off = in(reg) rseq.0,
+            base = in(reg) base,
+            nr = in(reg) nr_cpus,
+            ok = out(reg) ok,
+            out("rax") _,
+            options(nostack),
+        );
+    }
+    ok != 0
+}
+
+#[cfg(not(all(target_os = "linux", target_arch = "x86_64", not(loom))))]
+#[inline(always)]
+pub(crate) unsafe fn percpu_inc(_rseq: RseqOffset, _base: *mut u64, _nr_cpus: u32) -> bool {
+    false
+}
+
+/// Adds 1 to a counter with a `lock add`, a full barrier on x86_64 (barrier
+/// B of the classic flavor costs nothing beyond the increment).
+///
+/// # Safety
+///
+/// `counter` must be valid for atomic writes of a `u64` (it points into an
+/// `AtomicUsize`).
+#[cfg(all(target_arch = "x86_64", not(loom)))]
+#[inline(always)]
+pub(crate) unsafe fn locked_inc(counter: *mut u64) {
+    // SAFETY: `counter` is a valid, aligned atomic word (caller). A locked
+    // RMW is atomic against every other CPU and a full barrier.
+    unsafe {
+        core::arch::asm!("lock add qword ptr [{c}], 1", c = in(reg) counter, options(nostack));
+    }
+}

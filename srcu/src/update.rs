@@ -1,0 +1,100 @@
+//! [`UpdateLock`]: the update-side lock whose guard is the proof that
+//! [`SrcuCell`](crate::SrcuCell)'s update-side methods ask for (the role of
+//! `lockdep_is_held()` in `rcu_dereference_protected()`).
+
+use core::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
+/// A mutex with an identity. Cells created with a lock accept only guards
+/// of that very lock as proof (a checked id: a guard of another lock makes
+/// the call panic, whatever its type says).
+///
+/// ```
+/// let srcu = srcu::Srcu::new();
+/// let lock = srcu::UpdateLock::new(0u32); // protects update-side state too
+/// let cell = srcu::SrcuCell::new(&srcu, &lock, Some(String::from("a")));
+/// let mut g = lock.lock();
+/// *g += 1;
+/// assert_eq!(cell.dereference_protected(&g).map(String::as_str), Some("a"));
+/// ```
+pub struct UpdateLock<T: ?Sized = ()> {
+    id: usize,
+    mutex: crate::sync::Mutex<T>,
+}
+
+/// Held [`UpdateLock`]; unlocks on drop. Dereferences to the protected data.
+#[must_use = "the lock is released when the guard is dropped"]
+pub struct UpdateGuard<'a, T: ?Sized = ()> {
+    id: usize,
+    guard: crate::sync::MutexGuard<'a, T>,
+}
+
+fn next_id() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(1);
+    NEXT.fetch_add(1, Relaxed)
+}
+
+impl<T> UpdateLock<T> {
+    /// A new lock protecting `value`.
+    pub fn new(value: T) -> Self {
+        UpdateLock {
+            id: next_id(),
+            mutex: crate::sync::Mutex::new(value),
+        }
+    }
+}
+
+impl<T: ?Sized> UpdateLock<T> {
+    /// Acquires the lock, blocking while another thread holds it.
+    pub fn lock(&self) -> UpdateGuard<'_, T> {
+        UpdateGuard {
+            id: self.id,
+            guard: self.mutex.lock(),
+        }
+    }
+
+    pub(crate) fn id(&self) -> usize {
+        self.id
+    }
+}
+
+impl<T: Default> Default for UpdateLock<T> {
+    fn default() -> Self {
+        Self::new(T::default())
+    }
+}
+
+impl<T: ?Sized> UpdateGuard<'_, T> {
+    pub(crate) fn lock_id(&self) -> usize {
+        self.id
+    }
+}
+
+impl<T: ?Sized> Deref for UpdateGuard<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.guard
+    }
+}
+
+impl<T: ?Sized> DerefMut for UpdateGuard<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.guard
+    }
+}
+
+impl<T: ?Sized> core::fmt::Debug for UpdateLock<T> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("UpdateLock")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T: ?Sized> core::fmt::Debug for UpdateGuard<'_, T> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("UpdateGuard")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
