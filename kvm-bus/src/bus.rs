@@ -1,0 +1,603 @@
+//! [`IoBus`]: one immutable, sorted table of devices, and dispatch on it.
+
+use crate::device::IoDevice;
+use crate::error::BusError;
+use crate::range::IoRange;
+use crate::MAX_ACCESS_LEN;
+use core::fmt;
+use std::sync::Arc;
+
+struct Entry {
+    range: IoRange,
+    /// The largest `range.last()` of this entry and every one before it:
+    /// non-decreasing along the table, so the first entry that can contain
+    /// an access is found by binary search too (see `candidates`).
+    max_last: u64,
+    dev: Arc<dyn IoDevice>,
+}
+
+/// One bus: an immutable array of `(range, device)` sorted by range
+/// (address, then length; equal ranges in registration order), looked up
+/// by binary search.
+///
+/// A published bus is never modified: [`Buses`](crate::Buses) builds a new
+/// one for every update. Readers get a `&IoBus` from
+/// [`Buses::get_bus_srcu`](crate::Buses::get_bus_srcu), updaters from
+/// [`Buses::get_bus`](crate::Buses::get_bus).
+///
+/// Dispatch (Linux `kvm_io_bus_read`/`write`): the access must lie
+/// entirely inside a device's range. The devices whose range contains it
+/// are tried in table order until one accepts; if none does (or none
+/// covers it), the result is [`BusError::Unhandled`]. Accesses of length
+/// 0 or more than [`MAX_ACCESS_LEN`] are [`BusError::InvalidAccessLength`].
+/// No lock, allocation or system call: a binary search, then the
+/// overlapping entries.
+///
+/// ```
+/// use kvm_bus::{Buses, BusKind, Declined, IoDevice, IoRange};
+/// use std::sync::Arc;
+///
+/// struct Zero;
+/// impl IoDevice for Zero {
+///     fn read(&self, _: u64, data: &mut [u8]) -> Result<(), Declined> {
+///         data.fill(0);
+///         Ok(())
+///     }
+///     fn write(&self, _: u64, _: &[u8]) -> Result<(), Declined> { Ok(()) }
+/// }
+///
+/// let buses = Buses::new();
+/// let slots = buses.lock_slots();
+/// buses.register_dev(&slots, BusKind::Mmio, IoRange::new(0x1000, 0x100)?, Arc::new(Zero))?;
+/// let bus = buses.get_bus(&slots, BusKind::Mmio);
+/// assert_eq!(bus.len(), 1);
+/// let mut v = [0xff; 4];
+/// bus.read(0x10fc, &mut v)?;
+/// assert_eq!(v, [0; 4]);
+/// assert!(bus.read(0x10fd, &mut v).is_err()); // crosses the end of the range
+/// # Ok::<(), kvm_bus::BusError>(())
+/// ```
+pub struct IoBus {
+    entries: Box<[Entry]>,
+}
+
+impl IoBus {
+    /// An empty bus.
+    pub(crate) fn empty() -> IoBus {
+        IoBus {
+            entries: Box::new([]),
+        }
+    }
+
+    /// This bus's entries followed by `new`, sorted (stable: equal ranges
+    /// keep registration order, as Linux inserts after equal entries).
+    pub(crate) fn with_added(&self, new: Vec<(IoRange, Arc<dyn IoDevice>)>) -> IoBus {
+        let mut all: Vec<(IoRange, Arc<dyn IoDevice>)> = Vec::with_capacity(self.len() + new.len());
+        all.extend(self.entries.iter().map(|e| (e.range, e.dev.clone())));
+        all.extend(new);
+        all.sort_by_key(|(r, _)| *r);
+        IoBus::from_sorted(all)
+    }
+
+    /// This bus without the entries for which `remove` is true.
+    pub(crate) fn without(&self, mut remove: impl FnMut(&Arc<dyn IoDevice>) -> bool) -> IoBus {
+        let kept = self
+            .entries
+            .iter()
+            .filter(|e| !remove(&e.dev))
+            .map(|e| (e.range, e.dev.clone()))
+            .collect();
+        IoBus::from_sorted(kept)
+    }
+
+    fn from_sorted(sorted: Vec<(IoRange, Arc<dyn IoDevice>)>) -> IoBus {
+        let mut max_last = 0;
+        let entries = sorted
+            .into_iter()
+            .map(|(range, dev)| {
+                max_last = max_last.max(range.last());
+                Entry {
+                    range,
+                    max_last,
+                    dev,
+                }
+            })
+            .collect();
+        IoBus { entries }
+    }
+
+    /// Indices of the entries whose range contains `[addr, last]`, in
+    /// table order. Entries `[0, hi)` start at or before `addr`; entries
+    /// before `lo` (and everything before them) end before `last`. In a
+    /// bus without overlaps this is at most one entry.
+    #[inline]
+    fn candidates(&self, addr: u64, last: u64) -> impl Iterator<Item = (usize, &Entry)> {
+        let hi = self.entries.partition_point(|e| e.range.addr() <= addr);
+        let lo = self.entries[..hi].partition_point(|e| e.max_last < last);
+        self.entries[lo..hi]
+            .iter()
+            .enumerate()
+            .map(move |(i, e)| (lo + i, e))
+            .filter(move |(_, e)| e.range.last() >= last)
+    }
+
+    /// Checks an access; returns its last address.
+    #[inline]
+    fn check_access(addr: u64, len: usize) -> Result<u64, BusError> {
+        if len == 0 || len > MAX_ACCESS_LEN {
+            return Err(BusError::InvalidAccessLength { addr, len });
+        }
+        // len <= 8, so the cast is lossless.
+        addr.checked_add(len as u64 - 1)
+            .ok_or(BusError::Unhandled { addr, len })
+    }
+
+    /// Dispatches a read of `data.len()` bytes at `addr` to the first
+    /// device that covers it and accepts (Linux `__kvm_io_bus_read`).
+    ///
+    /// # Errors
+    ///
+    /// [`BusError::InvalidAccessLength`] if `data` is empty or longer than
+    /// [`MAX_ACCESS_LEN`]; [`BusError::Unhandled`] if no device accepted.
+    ///
+    /// See the [type-level example](IoBus).
+    #[inline]
+    pub fn read(&self, addr: u64, data: &mut [u8]) -> Result<(), BusError> {
+        let len = data.len();
+        let last = Self::check_access(addr, len)?;
+        for (_, e) in self.candidates(addr, last) {
+            if e.dev.read(addr, data).is_ok() {
+                return Ok(());
+            }
+        }
+        Err(BusError::Unhandled { addr, len })
+    }
+
+    /// Dispatches a write of `data` at `addr` to the first device that
+    /// covers it and accepts (Linux `__kvm_io_bus_write`).
+    ///
+    /// # Errors
+    ///
+    /// As [`read`](IoBus::read).
+    ///
+    /// ```
+    /// # use kvm_bus::{Buses, BusKind, BusError, Declined, IoDevice, IoRange};
+    /// # use std::sync::Arc;
+    /// struct Sink;
+    /// impl IoDevice for Sink {
+    ///     fn read(&self, _: u64, _: &mut [u8]) -> Result<(), Declined> { Err(Declined) }
+    ///     fn write(&self, _: u64, _: &[u8]) -> Result<(), Declined> { Ok(()) }
+    /// }
+    /// let buses = Buses::new();
+    /// let slots = buses.lock_slots();
+    /// buses.register_dev(&slots, BusKind::Pio, IoRange::new(0x80, 1)?, Arc::new(Sink))?;
+    /// let bus = buses.get_bus(&slots, BusKind::Pio);
+    /// bus.write(0x80, &[1])?;
+    /// assert_eq!(bus.write(0x80, &[]), Err(BusError::InvalidAccessLength { addr: 0x80, len: 0 }));
+    /// assert_eq!(bus.write(0x81, &[1]), Err(BusError::Unhandled { addr: 0x81, len: 1 }));
+    /// # Ok::<(), BusError>(())
+    /// ```
+    #[inline]
+    pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), BusError> {
+        self.write_from(usize::MAX, addr, data).map(|_| ())
+    }
+
+    /// Like [`write`](IoBus::write), trying entry `cookie` first (Linux
+    /// `kvm_io_bus_write_cookie`): pass the index a previous call returned
+    /// to skip the search, or `usize::MAX` for none. A stale or wrong
+    /// cookie is harmless: the entry is used only if its range contains the
+    /// access and the device accepts; otherwise the full search runs
+    /// (without calling that entry again).
+    ///
+    /// Returns the index of the entry that accepted. Indices are positions
+    /// in this bus only: a new bus after an update may number differently.
+    ///
+    /// # Errors
+    ///
+    /// As [`read`](IoBus::read).
+    ///
+    /// ```
+    /// # use kvm_bus::{Buses, BusKind, BusError, Declined, IoDevice, IoRange};
+    /// # use std::sync::Arc;
+    /// # struct Sink;
+    /// # impl IoDevice for Sink {
+    /// #     fn read(&self, _: u64, _: &mut [u8]) -> Result<(), Declined> { Err(Declined) }
+    /// #     fn write(&self, _: u64, _: &[u8]) -> Result<(), Declined> { Ok(()) }
+    /// # }
+    /// let buses = Buses::new();
+    /// let slots = buses.lock_slots();
+    /// for port in [0x60, 0x64] {
+    ///     buses.register_dev(&slots, BusKind::Pio, IoRange::new(port, 1)?, Arc::new(Sink))?;
+    /// }
+    /// let bus = buses.get_bus(&slots, BusKind::Pio);
+    /// let cookie = bus.write_cookie(usize::MAX, 0x64, &[0xfe])?;
+    /// assert_eq!(cookie, 1);
+    /// assert_eq!(bus.write_cookie(cookie, 0x64, &[0xfe])?, 1); // no search
+    /// assert_eq!(bus.write_cookie(cookie, 0x60, &[0])?, 0);    // wrong hint: searched
+    /// # Ok::<(), BusError>(())
+    /// ```
+    #[inline]
+    pub fn write_cookie(&self, cookie: usize, addr: u64, data: &[u8]) -> Result<usize, BusError> {
+        self.write_from(cookie, addr, data)
+    }
+
+    #[inline]
+    fn write_from(&self, cookie: usize, addr: u64, data: &[u8]) -> Result<usize, BusError> {
+        let len = data.len();
+        let last = Self::check_access(addr, len)?;
+        if let Some(e) = self.entries.get(cookie) {
+            if e.range.addr() <= addr && e.range.last() >= last && e.dev.write(addr, data).is_ok() {
+                return Ok(cookie);
+            }
+        }
+        for (i, e) in self.candidates(addr, last) {
+            if i != cookie && e.dev.write(addr, data).is_ok() {
+                return Ok(i);
+            }
+        }
+        Err(BusError::Unhandled { addr, len })
+    }
+
+    /// The first device whose range contains the byte at `addr` (Linux
+    /// `kvm_io_bus_get_dev`), without calling it.
+    ///
+    /// ```
+    /// # use kvm_bus::{Buses, BusKind, BusError, Declined, IoDevice, IoRange};
+    /// # use std::sync::Arc;
+    /// # struct Sink;
+    /// # impl IoDevice for Sink {
+    /// #     fn read(&self, _: u64, _: &mut [u8]) -> Result<(), Declined> { Err(Declined) }
+    /// #     fn write(&self, _: u64, _: &[u8]) -> Result<(), Declined> { Ok(()) }
+    /// # }
+    /// let buses = Buses::new();
+    /// let dev: Arc<dyn IoDevice> = Arc::new(Sink);
+    /// let slots = buses.lock_slots();
+    /// buses.register_dev(&slots, BusKind::Mmio, IoRange::new(0xd000_0000, 0x1000)?, dev.clone())?;
+    /// drop(slots);
+    ///
+    /// let g = buses.read_lock();
+    /// let bus = buses.get_bus_srcu(&g, BusKind::Mmio);
+    /// assert!(Arc::ptr_eq(bus.get_dev(0xd000_0fff).unwrap(), &dev));
+    /// assert!(bus.get_dev(0xd000_1000).is_none());
+    /// # Ok::<(), BusError>(())
+    /// ```
+    #[inline]
+    pub fn get_dev(&self, addr: u64) -> Option<&Arc<dyn IoDevice>> {
+        self.candidates(addr, addr).next().map(|(_, e)| &e.dev)
+    }
+
+    /// Number of entries (a device registered at several ranges counts
+    /// once per range).
+    ///
+    /// ```
+    /// let buses = kvm_bus::Buses::new();
+    /// assert_eq!(buses.get_bus(&buses.lock_slots(), kvm_bus::BusKind::Mmio).len(), 0);
+    /// ```
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True if no device is registered.
+    ///
+    /// ```
+    /// let buses = kvm_bus::Buses::new();
+    /// assert!(buses.get_bus(&buses.lock_slots(), kvm_bus::BusKind::Pio).is_empty());
+    /// ```
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The entries in table order (the order dispatch tries them, and the
+    /// indices [`write_cookie`](IoBus::write_cookie) returns).
+    ///
+    /// ```
+    /// # use kvm_bus::{Buses, BusKind, BusError, Declined, IoDevice, IoRange};
+    /// # use std::sync::Arc;
+    /// # struct Sink;
+    /// # impl IoDevice for Sink {
+    /// #     fn read(&self, _: u64, _: &mut [u8]) -> Result<(), Declined> { Err(Declined) }
+    /// #     fn write(&self, _: u64, _: &[u8]) -> Result<(), Declined> { Ok(()) }
+    /// # }
+    /// let buses = Buses::new();
+    /// let slots = buses.lock_slots();
+    /// for port in [0x64, 0x60] {
+    ///     buses.register_dev(&slots, BusKind::Pio, IoRange::new(port, 1)?, Arc::new(Sink))?;
+    /// }
+    /// let ports: Vec<u64> = buses.get_bus(&slots, BusKind::Pio).iter().map(|(r, _)| r.addr()).collect();
+    /// assert_eq!(ports, [0x60, 0x64]);
+    /// # Ok::<(), BusError>(())
+    /// ```
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = (IoRange, &Arc<dyn IoDevice>)> + '_ {
+        self.entries.iter().map(|e| (e.range, &e.dev))
+    }
+
+    /// Removes and returns every entry, leaving the bus empty. Only
+    /// reachable through
+    /// [`Buses::get_bus_for_destruction`](crate::Buses::get_bus_for_destruction)
+    /// (exclusive access: no reader can be looking at the bus).
+    ///
+    /// ```
+    /// # use kvm_bus::{Buses, BusKind, BusError, Declined, IoDevice, IoRange};
+    /// # use std::sync::Arc;
+    /// # struct Sink;
+    /// # impl IoDevice for Sink {
+    /// #     fn read(&self, _: u64, _: &mut [u8]) -> Result<(), Declined> { Err(Declined) }
+    /// #     fn write(&self, _: u64, _: &[u8]) -> Result<(), Declined> { Ok(()) }
+    /// # }
+    /// let mut buses = Buses::new();
+    /// let slots = buses.lock_slots();
+    /// buses.register_dev(&slots, BusKind::Pio, IoRange::new(0x70, 2)?, Arc::new(Sink))?;
+    /// drop(slots);
+    /// let devs = buses.get_bus_for_destruction(BusKind::Pio).take_devices();
+    /// assert_eq!(devs.len(), 1);
+    /// assert!(buses.get_bus_for_destruction(BusKind::Pio).is_empty());
+    /// # Ok::<(), BusError>(())
+    /// ```
+    pub fn take_devices(&mut self) -> Vec<(IoRange, Arc<dyn IoDevice>)> {
+        core::mem::replace(&mut self.entries, Box::new([]))
+            .into_vec()
+            .into_iter()
+            .map(|e| (e.range, e.dev))
+            .collect()
+    }
+}
+
+impl Default for IoBus {
+    /// An empty bus.
+    fn default() -> Self {
+        IoBus::empty()
+    }
+}
+
+impl fmt::Debug for IoBus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(self.entries.iter().map(|e| e.range))
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::Declined;
+    use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
+    /// Accepts writes whose first byte is `matches` (or any, if None);
+    /// reads fill with `tag`. Counts calls.
+    struct Dev {
+        tag: u8,
+        matches: Option<u8>,
+        calls: AtomicUsize,
+    }
+
+    impl Dev {
+        fn new(tag: u8, matches: Option<u8>) -> Arc<Dev> {
+            Arc::new(Dev {
+                tag,
+                matches,
+                calls: AtomicUsize::new(0),
+            })
+        }
+    }
+
+    impl IoDevice for Dev {
+        fn read(&self, _: u64, data: &mut [u8]) -> Result<(), Declined> {
+            self.calls.fetch_add(1, Relaxed);
+            if self.matches.is_some() {
+                return Err(Declined);
+            }
+            data.fill(self.tag);
+            Ok(())
+        }
+        fn write(&self, _: u64, data: &[u8]) -> Result<(), Declined> {
+            self.calls.fetch_add(1, Relaxed);
+            match self.matches {
+                Some(m) if data[0] != m => Err(Declined),
+                _ => Ok(()),
+            }
+        }
+    }
+
+    fn r(addr: u64, len: u64) -> IoRange {
+        IoRange::new(addr, len).unwrap()
+    }
+
+    fn bus(devs: &[(IoRange, Arc<Dev>)]) -> IoBus {
+        IoBus::empty().with_added(
+            devs.iter()
+                .map(|(r, d)| (*r, d.clone() as Arc<dyn IoDevice>))
+                .collect(),
+        )
+    }
+
+    fn read_tag(b: &IoBus, addr: u64, len: usize) -> Result<u8, BusError> {
+        let mut buf = [0u8; 8];
+        b.read(addr, &mut buf[..len]).map(|()| buf[0])
+    }
+
+    #[test]
+    fn lookup_in_disjoint_table() {
+        let devs: Vec<_> = (0..50u64)
+            .map(|i| (r(i * 0x100, 0x10), Dev::new(i as u8, None)))
+            .rev()
+            .collect();
+        let b = bus(&devs);
+        assert_eq!(b.len(), 50);
+        for i in 0..50u64 {
+            assert_eq!(read_tag(&b, i * 0x100, 1), Ok(i as u8));
+            assert_eq!(read_tag(&b, i * 0x100 + 8, 8), Ok(i as u8));
+            assert_eq!(
+                read_tag(&b, i * 0x100 + 9, 8),
+                Err(BusError::Unhandled {
+                    addr: i * 0x100 + 9,
+                    len: 8
+                })
+            );
+            assert!(read_tag(&b, i * 0x100 + 0x10, 1).is_err());
+        }
+        let addrs: Vec<_> = b.iter().map(|(r, _)| r.addr()).collect();
+        assert!(addrs.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn overlapping_ranges_tried_in_order_until_one_accepts() {
+        // Nested ranges with a non-containing one in between: dispatch
+        // must not stop at the gap.
+        let big = Dev::new(1, Some(0xaa));
+        let small = Dev::new(2, Some(0xbb));
+        let inner = Dev::new(3, Some(0xcc));
+        let b = bus(&[
+            (r(0, 0x100), big.clone()),
+            (r(0x10, 4), small.clone()),
+            (r(0x50, 8), inner.clone()),
+        ]);
+        assert_eq!(b.write_cookie(usize::MAX, 0x50, &[0xcc]), Ok(2));
+        assert_eq!(big.calls.load(Relaxed), 1);
+        assert_eq!(small.calls.load(Relaxed), 0, "not covering: never called");
+        assert_eq!(b.write_cookie(usize::MAX, 0x50, &[0xaa]), Ok(0));
+        assert_eq!(
+            b.write(0x50, &[0xbb]),
+            Err(BusError::Unhandled { addr: 0x50, len: 1 })
+        );
+        assert_eq!(b.write_cookie(usize::MAX, 0x11, &[0xbb]), Ok(1));
+        // An access sticking out of `inner` goes only to `big`.
+        assert_eq!(b.write_cookie(usize::MAX, 0x56, &[0xaa, 0]), Ok(0));
+    }
+
+    #[test]
+    fn equal_ranges_keep_registration_order() {
+        let a = Dev::new(1, Some(1));
+        let c = Dev::new(2, Some(2));
+        let b = bus(&[(r(0x40, 4), a.clone())]);
+        let b = b.with_added(vec![(r(0x40, 4), c.clone() as Arc<dyn IoDevice>)]);
+        assert_eq!(b.write_cookie(usize::MAX, 0x40, &[2]), Ok(1));
+        assert_eq!(a.calls.load(Relaxed), 1);
+        assert_eq!(b.write_cookie(usize::MAX, 0x40, &[1]), Ok(0));
+    }
+
+    #[test]
+    fn cookie_hit_skips_search_and_miss_falls_back() {
+        let a = Dev::new(1, Some(1));
+        let c = Dev::new(2, Some(2));
+        let b = bus(&[(r(0x40, 4), a.clone()), (r(0x40, 4), c.clone())]);
+        assert_eq!(b.write_cookie(1, 0x40, &[2]), Ok(1));
+        assert_eq!(a.calls.load(Relaxed), 0, "cookie hit: no search");
+        // Declining cookie device is not called twice.
+        assert_eq!(b.write_cookie(1, 0x40, &[1]), Ok(0));
+        assert_eq!(c.calls.load(Relaxed), 2);
+        // Out-of-range or non-covering cookies are ignored.
+        assert_eq!(b.write_cookie(7, 0x40, &[1]), Ok(0));
+        assert_eq!(
+            b.write_cookie(0, 0x44, &[1]),
+            Err(BusError::Unhandled { addr: 0x44, len: 1 })
+        );
+    }
+
+    #[test]
+    fn bad_access_lengths_and_wrapping_accesses() {
+        let d = Dev::new(1, None);
+        let b = bus(&[(r(u64::MAX - 15, 16), d.clone())]);
+        assert_eq!(
+            b.read(0, &mut []),
+            Err(BusError::InvalidAccessLength { addr: 0, len: 0 })
+        );
+        assert_eq!(
+            b.write(u64::MAX, &[0; 9]),
+            Err(BusError::InvalidAccessLength {
+                addr: u64::MAX,
+                len: 9
+            })
+        );
+        assert_eq!(read_tag(&b, u64::MAX, 1), Ok(1));
+        assert_eq!(read_tag(&b, u64::MAX - 7, 8), Ok(1));
+        assert_eq!(
+            read_tag(&b, u64::MAX, 2),
+            Err(BusError::Unhandled {
+                addr: u64::MAX,
+                len: 2
+            })
+        );
+        assert_eq!(
+            b.write_cookie(0, u64::MAX - 1, &[0; 4]),
+            Err(BusError::Unhandled {
+                addr: u64::MAX - 1,
+                len: 4
+            })
+        );
+        assert_eq!(d.calls.load(Relaxed), 2);
+    }
+
+    #[test]
+    fn get_dev_first_covering() {
+        let a = Dev::new(1, None);
+        let c = Dev::new(2, None);
+        let b = bus(&[(r(0x10, 0x10), a.clone()), (r(0x18, 2), c.clone())]);
+        let a_dyn: Arc<dyn IoDevice> = a;
+        assert!(Arc::ptr_eq(b.get_dev(0x19).unwrap(), &a_dyn));
+        assert!(b.get_dev(0x20).is_none());
+        assert!(b.get_dev(0xf).is_none());
+        assert!(IoBus::default().get_dev(0).is_none());
+    }
+
+    #[test]
+    fn without_removes_all_entries_of_a_device() {
+        let a = Dev::new(1, None);
+        let c = Dev::new(2, None);
+        let b = bus(&[
+            (r(0, 1), a.clone()),
+            (r(5, 1), c.clone()),
+            (r(9, 1), a.clone()),
+        ]);
+        let a_dyn: Arc<dyn IoDevice> = a.clone();
+        let b2 = b.without(|d| Arc::ptr_eq(d, &a_dyn));
+        assert_eq!(b2.len(), 1);
+        assert_eq!(read_tag(&b2, 5, 1), Ok(2));
+        assert!(read_tag(&b2, 9, 1).is_err());
+        assert_eq!(format!("{b2:?}"), "[IoRange { addr: 5, len: 1 }]");
+        drop((b, b2));
+        assert_eq!(Arc::strong_count(&a), 2);
+    }
+
+    #[test]
+    fn take_devices_empties() {
+        let a = Dev::new(1, None);
+        let mut b = bus(&[(r(0, 1), a.clone())]);
+        let v = b.take_devices();
+        assert_eq!(v.len(), 1);
+        assert!(b.is_empty());
+    }
+
+    /// Brute force against the definition: for random tables and accesses,
+    /// dispatch tries exactly the covering entries, in order.
+    #[test]
+    fn candidates_match_linear_scan() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut rnd = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for _ in 0..200 {
+            let n = rnd(20) as usize;
+            let devs: Vec<_> = (0..n)
+                .map(|i| (r(rnd(64), 1 + rnd(24)), Dev::new(i as u8, None)))
+                .collect();
+            let b = bus(&devs);
+            for _ in 0..50 {
+                let addr = rnd(96);
+                let last = addr + rnd(8);
+                let got: Vec<usize> = b.candidates(addr, last).map(|(i, _)| i).collect();
+                let want: Vec<usize> = b
+                    .entries
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, e)| e.range.contains(addr, last - addr + 1))
+                    .map(|(i, _)| i)
+                    .collect();
+                assert_eq!(got, want, "addr {addr} last {last} bus {b:?}");
+            }
+        }
+    }
+}

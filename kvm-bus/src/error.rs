@@ -1,0 +1,127 @@
+//! [`BusError`]: everything that can go wrong, with what and where.
+
+use crate::BusKind;
+use core::fmt;
+
+/// Errors of range construction, registration and dispatch.
+///
+/// Every update-side error leaves the published bus unchanged. Dispatch
+/// errors are ordinary results (guest-controlled input never panics).
+///
+/// ```
+/// use kvm_bus::{BusError, BusKind};
+/// let e = BusError::Unhandled { addr: 0xfee0_0000, len: 4 };
+/// assert_eq!(e.to_string(), "no device accepted the 4-byte access at 0xfee00000");
+/// let e = BusError::BusFull { kind: BusKind::Pio, max: 1000 };
+/// assert_eq!(e.to_string(), "the PIO bus is full (at most 1000 devices)");
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum BusError {
+    /// A range of length 0 starting at `addr`.
+    ZeroLength {
+        /// Start of the rejected range.
+        addr: u64,
+    },
+    /// A range `[addr, addr + len)` that extends past `u64::MAX`.
+    Overflow {
+        /// Start of the rejected range.
+        addr: u64,
+        /// Its length.
+        len: u64,
+    },
+    /// Registration would put more than `max` devices on the bus.
+    BusFull {
+        /// The bus.
+        kind: BusKind,
+        /// Its cap ([`Buses::max_devices`](crate::Buses::max_devices)).
+        max: usize,
+    },
+    /// Unregistering a device that is not on the bus.
+    NotRegistered {
+        /// The bus.
+        kind: BusKind,
+    },
+    /// An access of length 0 or longer than
+    /// [`MAX_ACCESS_LEN`](crate::MAX_ACCESS_LEN) bytes.
+    InvalidAccessLength {
+        /// Address of the access.
+        addr: u64,
+        /// Its length.
+        len: usize,
+    },
+    /// A well-formed access that no device accepted (none covers it, or
+    /// every one that does declined), or one that wraps past `u64::MAX`.
+    Unhandled {
+        /// Address of the access.
+        addr: u64,
+        /// Its length.
+        len: usize,
+    },
+}
+
+impl fmt::Display for BusError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            BusError::ZeroLength { addr } => {
+                write!(f, "zero-length I/O range at {addr:#x}")
+            }
+            BusError::Overflow { addr, len } => write!(
+                f,
+                "I/O range at {addr:#x} of length {len:#x} extends past the end of the address space"
+            ),
+            BusError::BusFull { kind, max } => {
+                write!(f, "the {kind} bus is full (at most {max} devices)")
+            }
+            BusError::NotRegistered { kind } => {
+                write!(f, "device is not registered on the {kind} bus")
+            }
+            BusError::InvalidAccessLength { addr, len } => write!(
+                f,
+                "invalid access length {len} at {addr:#x} (must be 1 to {} bytes)",
+                crate::MAX_ACCESS_LEN
+            ),
+            BusError::Unhandled { addr, len } => {
+                write!(f, "no device accepted the {len}-byte access at {addr:#x}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for BusError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_says_what_and_where() {
+        let cases = [
+            (BusError::ZeroLength { addr: 0x10 }, "0x10"),
+            (BusError::Overflow { addr: 0x20, len: 3 }, "0x20"),
+            (
+                BusError::BusFull {
+                    kind: BusKind::Mmio,
+                    max: 7,
+                },
+                "MMIO",
+            ),
+            (
+                BusError::NotRegistered {
+                    kind: BusKind::FastMmio,
+                },
+                "fast MMIO",
+            ),
+            (
+                BusError::InvalidAccessLength { addr: 0x30, len: 9 },
+                "length 9 at 0x30",
+            ),
+            (BusError::Unhandled { addr: 0x40, len: 2 }, "at 0x40"),
+        ];
+        for (e, needle) in cases {
+            let s = e.to_string();
+            assert!(s.contains(needle), "{s:?} lacks {needle:?}");
+            let _: &dyn std::error::Error = &e;
+        }
+    }
+}

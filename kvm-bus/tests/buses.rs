@@ -1,0 +1,482 @@
+//! Integration tests of the update side, error paths and teardown.
+
+use kvm_bus::{
+    BusError, BusKind, Buses, Classic, Declined, Fast, Flavor, IoBus, IoDevice, IoRange, Srcu,
+    MAX_IO_BUS_DEVICES,
+};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::Arc;
+
+/// Counts calls; sets a flag when dropped.
+struct Probe {
+    calls: AtomicUsize,
+    dropped: Arc<AtomicBool>,
+}
+
+impl Probe {
+    fn new() -> (Arc<Probe>, Arc<AtomicBool>) {
+        let dropped = Arc::new(AtomicBool::new(false));
+        let p = Arc::new(Probe {
+            calls: AtomicUsize::new(0),
+            dropped: dropped.clone(),
+        });
+        (p, dropped)
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        self.dropped.store(true, SeqCst);
+    }
+}
+
+impl IoDevice for Probe {
+    fn read(&self, _: u64, data: &mut [u8]) -> Result<(), Declined> {
+        self.calls.fetch_add(1, SeqCst);
+        data.fill(0x5a);
+        Ok(())
+    }
+    fn write(&self, _: u64, _: &[u8]) -> Result<(), Declined> {
+        self.calls.fetch_add(1, SeqCst);
+        Ok(())
+    }
+}
+
+fn r(addr: u64, len: u64) -> IoRange {
+    IoRange::new(addr, len).unwrap()
+}
+
+fn dynp(p: &Arc<Probe>) -> Arc<dyn IoDevice> {
+    p.clone()
+}
+
+fn bus_ptr<F: Flavor>(buses: &Buses<F>, kind: BusKind) -> *const IoBus {
+    let slots = buses.lock_slots();
+    buses.get_bus(&slots, kind) as *const IoBus
+}
+
+#[test]
+fn buses_are_send_and_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<Buses<Classic>>();
+    check::<Buses<Fast>>();
+    check::<IoBus>();
+    check::<BusError>();
+}
+
+#[test]
+fn kinds_are_independent() {
+    let buses = Buses::new();
+    let (p, _) = Probe::new();
+    buses
+        .register_dev(&buses.lock_slots(), BusKind::Pio, r(0x60, 1), dynp(&p))
+        .unwrap();
+    assert!(buses.write(BusKind::Pio, 0x60, &[1]).is_ok());
+    assert_eq!(
+        buses.write(BusKind::Mmio, 0x60, &[1]),
+        Err(BusError::Unhandled { addr: 0x60, len: 1 })
+    );
+    assert!(buses.write(BusKind::FastMmio, 0x60, &[1]).is_err());
+    assert_eq!(p.calls.load(SeqCst), 1);
+}
+
+#[test]
+fn unregister_drops_every_reference_before_returning() {
+    for _ in 0..20 {
+        let buses = Buses::new();
+        let (p, dropped) = Probe::new();
+        let (other, _) = Probe::new();
+        let dev = dynp(&p);
+        drop(p);
+        let slots = buses.lock_slots();
+        // Several registrations: each hands an old table (holding `dev`)
+        // to call_srcu; unregister must wait for those too.
+        buses
+            .register_dev(&slots, BusKind::Mmio, r(0x1000, 8), dev.clone())
+            .unwrap();
+        buses
+            .register_dev(&slots, BusKind::Mmio, r(0x2000, 8), dynp(&other))
+            .unwrap();
+        buses
+            .register_dev(&slots, BusKind::Mmio, r(0x3000, 8), dev.clone())
+            .unwrap();
+        assert!(Arc::strong_count(&dev) > 1);
+        buses.unregister_dev(&slots, BusKind::Mmio, &dev).unwrap();
+        assert_eq!(Arc::strong_count(&dev), 1, "buses still hold the device");
+        assert!(!dropped.load(SeqCst));
+        drop(dev);
+        assert!(dropped.load(SeqCst), "last reference was ours");
+        assert_eq!(buses.get_bus(&slots, BusKind::Mmio).len(), 1);
+        drop(slots);
+        assert!(buses.write(BusKind::Mmio, 0x1000, &[0]).is_err());
+        assert!(buses.write(BusKind::Mmio, 0x2000, &[0]).is_ok());
+    }
+}
+
+#[test]
+fn unregister_many_one_grace_period_and_all_or_nothing() {
+    let buses = Buses::new();
+    let slots = buses.lock_slots();
+    let probes: Vec<_> = (0..50).map(|_| Probe::new().0).collect();
+    let devs: Vec<Arc<dyn IoDevice>> = probes.iter().map(dynp).collect();
+    buses
+        .register_many(
+            &slots,
+            BusKind::FastMmio,
+            devs.iter()
+                .enumerate()
+                .map(|(i, d)| (r(0x1_0000 + 4 * i as u64, 4), d.clone())),
+        )
+        .unwrap();
+    assert_eq!(buses.get_bus(&slots, BusKind::FastMmio).len(), 50);
+
+    // One unknown device: error, nothing removed, no grace period.
+    let (stranger, _) = Probe::new();
+    let mut with_stranger = devs[..10].to_vec();
+    with_stranger.push(dynp(&stranger));
+    let before = bus_ptr_locked(&buses, &slots);
+    let gps = buses.srcu().completed_grace_periods();
+    assert_eq!(
+        buses.unregister_many(&slots, BusKind::FastMmio, &with_stranger),
+        Err(BusError::NotRegistered {
+            kind: BusKind::FastMmio
+        })
+    );
+    assert_eq!(bus_ptr_locked(&buses, &slots), before);
+    assert_eq!(buses.get_bus(&slots, BusKind::FastMmio).len(), 50);
+
+    // Empty batch: nothing.
+    buses
+        .unregister_many(&slots, BusKind::FastMmio, &[])
+        .unwrap();
+    assert_eq!(bus_ptr_locked(&buses, &slots), before);
+
+    // Duplicates in the batch are fine.
+    let mut batch = devs[..40].to_vec();
+    batch.push(devs[0].clone());
+    buses
+        .unregister_many(&slots, BusKind::FastMmio, &batch)
+        .unwrap();
+    let spent = buses.srcu().completed_grace_periods() - gps;
+    assert!(spent <= 4, "{spent} grace periods for one batch");
+    assert_eq!(buses.get_bus(&slots, BusKind::FastMmio).len(), 10);
+    drop(batch);
+    drop(with_stranger);
+    for (i, d) in devs.iter().enumerate() {
+        assert_eq!(Arc::strong_count(d), if i < 40 { 2 } else { 3 }, "dev {i}");
+    }
+}
+
+fn bus_ptr_locked(buses: &Buses, slots: &kvm_bus::SlotsGuard<'_>) -> *const IoBus {
+    buses.get_bus(slots, BusKind::FastMmio) as *const IoBus
+}
+
+#[test]
+fn errors_leave_the_published_bus_untouched() {
+    let buses = Buses::with_srcu(Srcu::new(), 2);
+    let (a, _) = Probe::new();
+    let (b, _) = Probe::new();
+    let (c, _) = Probe::new();
+    {
+        let slots = buses.lock_slots();
+        buses
+            .register_dev(&slots, BusKind::Pio, r(0x70, 2), dynp(&a))
+            .unwrap();
+    }
+    let before = bus_ptr(&buses, BusKind::Pio);
+
+    // Bad ranges never reach the bus: the type cannot hold them.
+    assert_eq!(
+        IoRange::new(0x70, 0),
+        Err(BusError::ZeroLength { addr: 0x70 })
+    );
+    assert_eq!(
+        IoRange::new(u64::MAX - 2, 4),
+        Err(BusError::Overflow {
+            addr: u64::MAX - 2,
+            len: 4
+        })
+    );
+
+    {
+        let slots = buses.lock_slots();
+        // Full (cap 2): a batch of two does not fit next to `a`.
+        assert_eq!(
+            buses.register_many(
+                &slots,
+                BusKind::Pio,
+                [(r(0x80, 1), dynp(&b)), (r(0x81, 1), dynp(&c))]
+            ),
+            Err(BusError::BusFull {
+                kind: BusKind::Pio,
+                max: 2
+            })
+        );
+        assert_eq!(buses.get_bus(&slots, BusKind::Pio) as *const IoBus, before);
+        // Unknown device.
+        assert_eq!(
+            buses.unregister_dev(&slots, BusKind::Pio, &dynp(&b)),
+            Err(BusError::NotRegistered { kind: BusKind::Pio })
+        );
+        // Registered, but on another bus.
+        assert_eq!(
+            buses.unregister_dev(&slots, BusKind::Mmio, &dynp(&a)),
+            Err(BusError::NotRegistered {
+                kind: BusKind::Mmio
+            })
+        );
+        assert_eq!(buses.get_bus(&slots, BusKind::Pio) as *const IoBus, before);
+        // Empty batch: no publish.
+        buses
+            .register_many(&slots, BusKind::Pio, std::iter::empty())
+            .unwrap();
+        assert_eq!(buses.get_bus(&slots, BusKind::Pio) as *const IoBus, before);
+    }
+    // Bad accesses: typed errors, nothing called, nothing changed.
+    let mut nine = [0u8; 9];
+    assert_eq!(
+        buses.read(BusKind::Pio, 0x70, &mut nine),
+        Err(BusError::InvalidAccessLength { addr: 0x70, len: 9 })
+    );
+    assert_eq!(
+        buses.write(BusKind::Pio, 0x70, &[]),
+        Err(BusError::InvalidAccessLength { addr: 0x70, len: 0 })
+    );
+    assert_eq!(
+        buses.write(BusKind::Pio, 0x71, &[0, 0]),
+        Err(BusError::Unhandled { addr: 0x71, len: 2 })
+    );
+    assert_eq!(
+        buses.write(BusKind::Pio, u64::MAX, &[0; 8]),
+        Err(BusError::Unhandled {
+            addr: u64::MAX,
+            len: 8
+        })
+    );
+    assert_eq!(a.calls.load(SeqCst), 0);
+    assert_eq!(bus_ptr(&buses, BusKind::Pio), before);
+
+    // A successful update does publish a new bus.
+    buses
+        .register_dev(&buses.lock_slots(), BusKind::Pio, r(0x80, 1), dynp(&b))
+        .unwrap();
+    assert_ne!(bus_ptr(&buses, BusKind::Pio), before);
+}
+
+#[test]
+fn default_cap_is_enforced() {
+    let buses: Buses<Fast> = Buses::default();
+    let slots = buses.lock_slots();
+    let (p, _) = Probe::new();
+    buses
+        .register_many(
+            &slots,
+            BusKind::Mmio,
+            (0..MAX_IO_BUS_DEVICES as u64).map(|i| (r(i * 8, 8), dynp(&p))),
+        )
+        .unwrap();
+    assert_eq!(
+        buses.register_dev(&slots, BusKind::Mmio, r(0xffff_0000, 1), dynp(&p)),
+        Err(BusError::BusFull {
+            kind: BusKind::Mmio,
+            max: MAX_IO_BUS_DEVICES
+        })
+    );
+    let mut v = [0u8; 8];
+    drop(slots);
+    buses.read(BusKind::Mmio, 999 * 8, &mut v).unwrap();
+    assert_eq!(v, [0x5a; 8]);
+    assert_eq!(p.calls.load(SeqCst), 1);
+}
+
+#[test]
+fn zero_cap_bus_rejects_everything() {
+    let buses = Buses::with_srcu(Srcu::new(), 0);
+    let (p, _) = Probe::new();
+    assert_eq!(
+        buses.register_dev(&buses.lock_slots(), BusKind::Pio, r(0, 1), dynp(&p)),
+        Err(BusError::BusFull {
+            kind: BusKind::Pio,
+            max: 0
+        })
+    );
+}
+
+#[test]
+fn device_registered_at_several_ranges_and_buses() {
+    let buses = Buses::new();
+    let (p, _) = Probe::new();
+    let dev = dynp(&p);
+    let slots = buses.lock_slots();
+    for kind in [BusKind::Mmio, BusKind::Pio] {
+        buses
+            .register_dev(&slots, kind, r(0x10, 4), dev.clone())
+            .unwrap();
+        buses
+            .register_dev(&slots, kind, r(0x20, 4), dev.clone())
+            .unwrap();
+    }
+    buses.unregister_dev(&slots, BusKind::Mmio, &dev).unwrap();
+    assert!(buses.get_bus(&slots, BusKind::Mmio).is_empty());
+    assert_eq!(buses.get_bus(&slots, BusKind::Pio).len(), 2);
+    assert_eq!(Arc::strong_count(&dev), 4); // p, dev, two PIO entries
+}
+
+#[test]
+fn read_srcu_write_srcu_get_dev_write_cookie() {
+    let buses = Buses::new_fast();
+    let (p, _) = Probe::new();
+    buses
+        .register_dev(&buses.lock_slots(), BusKind::Mmio, r(0x100, 0x10), dynp(&p))
+        .unwrap();
+    let g = buses.read_lock();
+    let mut v = [0u8; 4];
+    buses.read_srcu(&g, BusKind::Mmio, 0x10c, &mut v).unwrap();
+    assert_eq!(v, [0x5a; 4]);
+    buses.write_srcu(&g, BusKind::Mmio, 0x100, &[1]).unwrap();
+    drop(g);
+    assert_eq!(buses.write_cookie(BusKind::Mmio, 3, 0x108, &[1]), Ok(0));
+    let d = buses.get_dev(BusKind::Mmio, 0x10f).unwrap();
+    assert!(Arc::ptr_eq(&d, &dynp(&p)));
+    assert!(buses.get_dev(BusKind::Mmio, 0x110).is_none());
+    assert_eq!(p.calls.load(SeqCst), 3);
+}
+
+#[test]
+fn foreign_slots_guard_panics() {
+    let vm1 = Buses::new();
+    let vm2 = Buses::new();
+    let slots2 = vm2.lock_slots();
+    let err = catch_unwind(AssertUnwindSafe(|| {
+        vm1.get_bus(&slots2, BusKind::Mmio);
+    }))
+    .unwrap_err();
+    let msg = err.downcast_ref::<&str>().copied().unwrap_or_default();
+    assert!(msg.contains("another Buses"), "{msg}");
+    let (p, _) = Probe::new();
+    assert!(catch_unwind(AssertUnwindSafe(|| {
+        let _ = vm1.register_dev(&slots2, BusKind::Mmio, r(0, 1), dynp(&p));
+    }))
+    .is_err());
+    drop(slots2);
+    // vm1 was not changed and its lock is free.
+    assert!(vm1.get_bus(&vm1.lock_slots(), BusKind::Mmio).is_empty());
+}
+
+#[test]
+fn foreign_read_guard_panics() {
+    let vm1 = Buses::new();
+    let vm2 = Buses::new();
+    let r = catch_unwind(AssertUnwindSafe(|| {
+        let g2 = vm2.read_lock();
+        vm1.get_bus_srcu(&g2, BusKind::Pio).len()
+    }));
+    assert!(r.is_err());
+    // Both domains still work (the guard was released by unwinding).
+    vm1.srcu().synchronize();
+    vm2.srcu().synchronize();
+    assert_eq!(vm2.srcu().readers(), 0);
+}
+
+/// Panics on every access.
+struct Bomb;
+impl IoDevice for Bomb {
+    fn read(&self, addr: u64, _: &mut [u8]) -> Result<(), Declined> {
+        panic!("device exploded at {addr:#x}")
+    }
+    fn write(&self, addr: u64, _: &[u8]) -> Result<(), Declined> {
+        panic!("device exploded at {addr:#x}")
+    }
+}
+
+fn panicking_handler<F: Flavor>(buses: Buses<F>) {
+    let bomb: Arc<dyn IoDevice> = Arc::new(Bomb);
+    let (p, _) = Probe::new();
+    {
+        let slots = buses.lock_slots();
+        buses
+            .register_dev(&slots, BusKind::Mmio, r(0x1000, 4), bomb.clone())
+            .unwrap();
+        buses
+            .register_dev(&slots, BusKind::Mmio, r(0x2000, 4), dynp(&p))
+            .unwrap();
+    }
+    for _ in 0..3 {
+        assert!(catch_unwind(AssertUnwindSafe(|| buses.write(
+            BusKind::Mmio,
+            0x1000,
+            &[1]
+        )))
+        .is_err());
+        assert!(catch_unwind(AssertUnwindSafe(|| {
+            let g = buses.read_lock();
+            buses.read_srcu(&g, BusKind::Mmio, 0x1002, &mut [0, 0])
+        }))
+        .is_err());
+    }
+    // The read sections ended during unwinding.
+    assert_eq!(buses.srcu().readers(), 0);
+    // Still usable, and unregister (which waits for readers) returns.
+    buses.write(BusKind::Mmio, 0x2000, &[1]).unwrap();
+    let slots = buses.lock_slots();
+    buses.unregister_dev(&slots, BusKind::Mmio, &bomb).unwrap();
+    assert_eq!(Arc::strong_count(&bomb), 1);
+    drop(slots);
+    assert!(buses.write(BusKind::Mmio, 0x1000, &[1]).is_err());
+    assert_eq!(p.calls.load(SeqCst), 1);
+}
+
+#[test]
+fn panicking_handler_classic() {
+    panicking_handler(Buses::new());
+}
+
+#[test]
+fn panicking_handler_fast() {
+    panicking_handler(Buses::new_fast());
+}
+
+#[test]
+fn destruction_takes_every_device() {
+    let mut buses = Buses::new();
+    let (p, dropped) = Probe::new();
+    {
+        let slots = buses.lock_slots();
+        for kind in BusKind::ALL {
+            buses
+                .register_dev(&slots, kind, r(0x40, 4), dynp(&p))
+                .unwrap();
+        }
+    }
+    drop(p);
+    let mut all = Vec::new();
+    for kind in BusKind::ALL {
+        all.extend(buses.get_bus_for_destruction(kind).take_devices());
+    }
+    assert_eq!(all.len(), 3);
+    buses.srcu().barrier(); // deferred frees of old tables
+    drop(all);
+    assert!(dropped.load(SeqCst));
+    assert!(buses.write(BusKind::Pio, 0x40, &[0]).is_err());
+}
+
+#[test]
+fn dropping_buses_frees_devices() {
+    let (p, dropped) = Probe::new();
+    {
+        let buses = Buses::new_fast();
+        let slots = buses.lock_slots();
+        buses
+            .register_dev(&slots, BusKind::Pio, r(0x40, 4), dynp(&p))
+            .unwrap();
+        buses
+            .register_dev(&slots, BusKind::Pio, r(0x50, 4), dynp(&p))
+            .unwrap();
+    }
+    drop(p);
+    assert!(
+        dropped.load(SeqCst),
+        "dropping Buses ran every deferred free"
+    );
+}
