@@ -1,0 +1,386 @@
+//! Section 3: bus dispatch, registration and unregistration.
+//!
+//! Peers for dispatch are the `BTreeMap` buses other Rust VMMs use
+//! (Cloud Hypervisor's `vm-device::Bus` is an `RwLock<BTreeMap<BusRange,
+//! Weak<dyn BusDevice>>>`; Mutex-wrapped maps are the other common
+//! design). To be conservative they dispatch *while holding* the lock,
+//! which is the cheapest form of that design: Cloud Hypervisor additionally
+//! upgrades a `Weak` (an atomic increment and decrement per exit).
+
+use crate::harness::{time_ns, with_background, Stats};
+use kvm_bus::{BusKind, Buses, Declined, IoDevice, IoRange};
+use srcu::Flavor;
+use std::collections::BTreeMap;
+use std::hint::black_box;
+use std::sync::Arc;
+
+/// First device address of the benchmark buses (MMIO).
+pub const BASE: u64 = 0xd000_0000;
+/// Distance between two devices.
+pub const STRIDE: u64 = 0x1000;
+/// Length of each device's range.
+pub const DEV_LEN: u64 = 0x100;
+/// Bus sizes measured by the dispatch benchmarks.
+pub const SIZES: [usize; 4] = [1, 16, 64, 1000];
+
+/// A device that accepts every access and does nothing.
+#[derive(Debug, Default)]
+pub struct Nop;
+
+impl IoDevice for Nop {
+    #[inline]
+    fn read(&self, _addr: u64, data: &mut [u8]) -> Result<(), Declined> {
+        data.fill(0);
+        Ok(())
+    }
+    #[inline]
+    fn write(&self, _addr: u64, data: &[u8]) -> Result<(), Declined> {
+        black_box(data);
+        Ok(())
+    }
+}
+
+/// Range of device `i`.
+pub fn range(i: usize) -> IoRange {
+    IoRange::new(BASE + i as u64 * STRIDE, DEV_LEN).expect("valid range")
+}
+
+/// The address the dispatch benchmarks write to on a bus of `n` devices:
+/// inside the middle device.
+pub fn target(n: usize) -> u64 {
+    BASE + (n / 2) as u64 * STRIDE + 0x10
+}
+
+/// A bus a vCPU thread dispatches exits on.
+pub trait DispatchBus: Sync {
+    /// Key in JSON (`dispatch64_<KEY>_ns`) and benchmark ids.
+    const KEY: &'static str;
+    /// Name for tables.
+    const LABEL: &'static str;
+    /// A bus of `n` [`Nop`] devices at [`range`]`(0..n)`.
+    fn with_devices(n: usize) -> Self;
+    /// One guest write: look the device up and call it.
+    fn dispatch(&self, addr: u64, data: &[u8]) -> bool;
+}
+
+/// `kvm-bus` on `srcu` of flavor `F`: `read_lock`, `get_bus_srcu`, binary
+/// search, device call, `read_unlock`.
+pub struct SrcuBus<F: Flavor> {
+    /// The buses.
+    pub buses: Buses<F>,
+}
+
+impl<F: Flavor> SrcuBus<F> {
+    /// Registers `n` more devices starting at index `from`.
+    pub fn add(&self, from: usize, n: usize) -> Vec<Arc<dyn IoDevice>> {
+        let slots = self.buses.lock_slots();
+        (from..from + n)
+            .map(|i| {
+                let d: Arc<dyn IoDevice> = Arc::new(Nop);
+                self.buses
+                    .register_dev(&slots, BusKind::Mmio, range(i), d.clone())
+                    .expect("register");
+                d
+            })
+            .collect()
+    }
+}
+
+macro_rules! srcu_bus {
+    ($flavor:ty, $key:literal, $label:literal) => {
+        impl DispatchBus for SrcuBus<$flavor> {
+            const KEY: &'static str = $key;
+            const LABEL: &'static str = $label;
+            fn with_devices(n: usize) -> Self {
+                let b = SrcuBus {
+                    buses: Buses::<$flavor>::default(),
+                };
+                b.add(0, n);
+                b
+            }
+            #[inline]
+            fn dispatch(&self, addr: u64, data: &[u8]) -> bool {
+                let g = self.buses.read_lock();
+                self.buses
+                    .get_bus_srcu(&g, BusKind::Mmio)
+                    .write(addr, data)
+                    .is_ok()
+            }
+        }
+    };
+}
+
+srcu_bus!(srcu::Classic, "srcu", "kvm-bus (srcu classic)");
+srcu_bus!(srcu::Fast, "srcu_fast", "kvm-bus (srcu fast)");
+
+type Map = BTreeMap<u64, (u64, Arc<dyn IoDevice>)>;
+
+fn btree_with(n: usize) -> Map {
+    (0..n)
+        .map(|i| {
+            let r = range(i);
+            (r.addr(), (r.len(), Arc::new(Nop) as Arc<dyn IoDevice>))
+        })
+        .collect()
+}
+
+#[inline]
+fn btree_dispatch(map: &Map, addr: u64, data: &[u8]) -> bool {
+    match map.range(..=addr).next_back() {
+        Some((&base, (len, dev))) if addr - base + data.len() as u64 <= *len => {
+            dev.write(addr, data).is_ok()
+        }
+        _ => false,
+    }
+}
+
+/// `std::sync::RwLock<BTreeMap<base, (len, device)>>`, dispatch under the
+/// read lock.
+pub struct RwLockBTreeBus(std::sync::RwLock<Map>);
+
+impl DispatchBus for RwLockBTreeBus {
+    const KEY: &'static str = "rwlock_btreemap";
+    const LABEL: &'static str = "RwLock<BTreeMap>";
+    fn with_devices(n: usize) -> Self {
+        RwLockBTreeBus(std::sync::RwLock::new(btree_with(n)))
+    }
+    #[inline]
+    fn dispatch(&self, addr: u64, data: &[u8]) -> bool {
+        btree_dispatch(&self.0.read().unwrap(), addr, data)
+    }
+}
+
+/// `std::sync::Mutex<BTreeMap<base, (len, device)>>`, dispatch under the
+/// lock.
+pub struct MutexBTreeBus(std::sync::Mutex<Map>);
+
+impl DispatchBus for MutexBTreeBus {
+    const KEY: &'static str = "mutex_btreemap";
+    const LABEL: &'static str = "Mutex<BTreeMap>";
+    fn with_devices(n: usize) -> Self {
+        MutexBTreeBus(std::sync::Mutex::new(btree_with(n)))
+    }
+    #[inline]
+    fn dispatch(&self, addr: u64, data: &[u8]) -> bool {
+        btree_dispatch(&self.0.lock().unwrap(), addr, data)
+    }
+}
+
+/// Receives every dispatch peer type in turn.
+pub trait BusVisitor {
+    /// Called once per bus type.
+    fn visit<B: DispatchBus>(&mut self);
+}
+
+/// Hands every bus type to `v`, kvm-bus classic first (the baseline).
+pub fn for_each_bus(v: &mut impl BusVisitor) {
+    v.visit::<SrcuBus<srcu::Classic>>();
+    v.visit::<SrcuBus<srcu::Fast>>();
+    v.visit::<RwLockBTreeBus>();
+    v.visit::<MutexBTreeBus>();
+}
+
+/// ns per dispatch on one thread (one batch of `iters`).
+#[inline(never)]
+pub fn dispatch_ns<B: DispatchBus>(bus: &B, addr: u64, iters: u64) -> f64 {
+    let data = [1u8, 2, 3, 4];
+    crate::harness::ns_per_op(iters, || {
+        black_box(bus.dispatch(black_box(addr), &data));
+    })
+}
+
+/// Per-thread ns per dispatch with `threads` threads on one bus.
+pub fn dispatch_threads_ns<B: DispatchBus>(
+    bus: &B,
+    addr: u64,
+    threads: usize,
+    dur: std::time::Duration,
+) -> f64 {
+    let data = [1u8, 2, 3, 4];
+    crate::harness::concurrent_for(threads, dur, || {
+        black_box(bus.dispatch(black_box(addr), &data));
+    })
+}
+
+// ---------------------------------------------------------------------
+// Registration.
+
+/// Device indices used by the registration benchmarks start here (above
+/// the devices of any dispatch bus).
+pub const REG_BASE_INDEX: usize = 4096;
+
+/// How registration waits (or not) for readers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RegisterMode {
+    /// `register_dev`: publish the new bus, free the old one with
+    /// `call_srcu` (Linux 6.18+).
+    Deferred,
+    /// `register_dev` then `synchronize` on the same domain: what
+    /// registration cost before Linux 6.18 (it waited a grace period
+    /// inside, before freeing the old bus).
+    SyncInside,
+}
+
+/// Registers one device, the way `mode` says.
+pub fn register_one<F: Flavor>(
+    buses: &Buses<F>,
+    mode: RegisterMode,
+    r: IoRange,
+    d: Arc<dyn IoDevice>,
+) {
+    let slots = buses.lock_slots();
+    buses
+        .register_dev(&slots, BusKind::Mmio, r, d)
+        .expect("register");
+    if mode == RegisterMode::SyncInside {
+        buses.srcu().synchronize();
+    }
+}
+
+/// Latency of registering one device into a bus that holds `base` devices
+/// (no readers). `batch` devices are registered (each timed), then removed
+/// untimed with one `unregister_many`; `reps` samples in all.
+pub fn register_latency<F: Flavor>(
+    buses: &Buses<F>,
+    mode: RegisterMode,
+    reps: usize,
+    batch: usize,
+) -> Stats {
+    let mut samples = Vec::with_capacity(reps);
+    while samples.len() < reps {
+        let n = batch.min(reps - samples.len());
+        let mut devs = Vec::with_capacity(n);
+        for i in 0..n {
+            let d: Arc<dyn IoDevice> = Arc::new(Nop);
+            let r = range(REG_BASE_INDEX + i);
+            let dd = d.clone();
+            samples.push(time_ns(|| register_one(buses, mode, r, dd)));
+            devs.push(d);
+        }
+        let slots = buses.lock_slots();
+        buses
+            .unregister_many(&slots, BusKind::Mmio, &devs)
+            .expect("unregister_many");
+    }
+    Stats { samples }
+}
+
+/// Latency of `unregister_dev` (one grace period) of a device registered
+/// just before (untimed, its deferred free completed), with no readers.
+pub fn unregister_latency<F: Flavor>(buses: &Buses<F>, reps: usize) -> Stats {
+    Stats::collect(reps, || {
+        let d: Arc<dyn IoDevice> = Arc::new(Nop);
+        let slots = buses.lock_slots();
+        buses
+            .register_dev(&slots, BusKind::Mmio, range(REG_BASE_INDEX), d.clone())
+            .expect("register");
+        // A device is unplugged long after it was plugged: let the deferred
+        // free of the registration finish first (untimed), as it would have.
+        buses.srcu().barrier();
+        time_ns(|| {
+            buses
+                .unregister_dev(&slots, BusKind::Mmio, &d)
+                .expect("unregister");
+        })
+    })
+}
+
+/// [`unregister_latency`] while `readers` threads dispatch continuously to
+/// another device of the same bus (vCPUs running).
+pub fn unregister_latency_busy<F: Flavor>(reps: usize, readers: usize) -> Stats
+where
+    SrcuBus<F>: DispatchBus,
+{
+    let bus = SrcuBus::<F>::with_devices(1);
+    let addr = target(1);
+    let data = [1u8, 2, 3, 4];
+    with_background(
+        readers,
+        || {
+            black_box(bus.dispatch(black_box(addr), &data));
+        },
+        || unregister_latency(&bus.buses, reps),
+    )
+    .0
+}
+
+/// Time of one `unregister_many` of `n` devices (registered untimed just
+/// before).
+pub fn unregister_many_latency<F: Flavor>(buses: &Buses<F>, n: usize, reps: usize) -> Stats {
+    Stats::collect(reps, || {
+        let slots = buses.lock_slots();
+        let devs: Vec<Arc<dyn IoDevice>> = (0..n)
+            .map(|i| {
+                let d: Arc<dyn IoDevice> = Arc::new(Nop);
+                buses
+                    .register_dev(&slots, BusKind::Mmio, range(REG_BASE_INDEX + i), d.clone())
+                    .expect("register");
+                d
+            })
+            .collect();
+        time_ns(|| {
+            buses
+                .unregister_many(&slots, BusKind::Mmio, &devs)
+                .expect("unregister_many");
+        })
+    })
+}
+
+/// How the "VM start-up" registers its devices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Startup {
+    /// One `register_dev` per device (deferred free).
+    OneByOne,
+    /// One `register_dev` + `synchronize` per device (pre-6.18).
+    OneByOneSync,
+    /// One `register_many` with all of them.
+    Many,
+}
+
+/// "VM start-up": registers `n` devices on a fresh bus (which already has
+/// one device the readers hit) while `readers` threads dispatch to it
+/// continuously; returns the wall time of the registrations in ns and the
+/// number of dispatches the readers completed meanwhile.
+pub fn startup<F: Flavor>(how: Startup, n: usize, readers: usize) -> (f64, u64)
+where
+    SrcuBus<F>: DispatchBus,
+{
+    let bus = SrcuBus::<F>::with_devices(1);
+    let addr = target(1);
+    let devs: Vec<(IoRange, Arc<dyn IoDevice>)> = (0..n)
+        .map(|i| {
+            (
+                range(REG_BASE_INDEX + i),
+                Arc::new(Nop) as Arc<dyn IoDevice>,
+            )
+        })
+        .collect();
+    let data = [1u8, 2, 3, 4];
+    with_background(
+        readers,
+        || {
+            black_box(bus.dispatch(black_box(addr), &data));
+        },
+        || {
+            std::thread::sleep(std::time::Duration::from_micros(200));
+            time_ns(|| match how {
+                Startup::OneByOne | Startup::OneByOneSync => {
+                    let mode = if how == Startup::OneByOne {
+                        RegisterMode::Deferred
+                    } else {
+                        RegisterMode::SyncInside
+                    };
+                    for (r, d) in devs {
+                        register_one(&bus.buses, mode, r, d);
+                    }
+                }
+                Startup::Many => {
+                    let slots = bus.buses.lock_slots();
+                    bus.buses
+                        .register_many(&slots, BusKind::Mmio, devs)
+                        .expect("register_many");
+                }
+            })
+        },
+    )
+}

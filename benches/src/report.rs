@@ -1,0 +1,1056 @@
+//! The one-run comparison behind `bench-report`: every measurement of
+//! issue 6, medians of repetitions, a markdown table, the targets, and the
+//! flat JSON object.
+
+use crate::bus::{self, BusVisitor, DispatchBus, RegisterMode, Startup};
+use crate::grace;
+use crate::harness::Stats;
+use crate::read::{self, ReadOp, ReadPeer, ReadVisitor};
+use srcu::{Classic, Fast, Srcu};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+/// Sizes and repetition counts of one run.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Rounds over all read peers (samples are interleaved across peers).
+    pub read_rounds: usize,
+    /// Single-thread read samples per peer per round.
+    pub read_reps: usize,
+    /// Iterations per single-thread read sample.
+    pub read_iters: u64,
+    /// 2-thread samples per peer per round.
+    pub read2_reps: usize,
+    /// Duration of one 2-thread sample.
+    pub read2_dur: Duration,
+    /// Samples of idle grace periods.
+    pub gp_idle_reps: usize,
+    /// Samples of grace periods under load.
+    pub gp_busy_reps: usize,
+    /// Samples of grace periods with a long section.
+    pub gp_long_reps: usize,
+    /// Length of the long section.
+    pub gp_long_section: Duration,
+    /// Callbacks per `call_srcu` burst.
+    pub call_srcu_n: u64,
+    /// `call_srcu` bursts.
+    pub call_srcu_reps: usize,
+    /// Single-thread dispatch samples per bus.
+    pub dispatch_reps: usize,
+    /// Iterations per dispatch sample.
+    pub dispatch_iters: u64,
+    /// 2-thread dispatch samples per bus.
+    pub dispatch2_reps: usize,
+    /// Duration of one 2-thread dispatch sample.
+    pub dispatch2_dur: Duration,
+    /// Bus sizes for dispatch.
+    pub sizes: Vec<usize>,
+    /// Registration samples.
+    pub register_reps: usize,
+    /// Unregistration samples.
+    pub unregister_reps: usize,
+    /// Kernel ioeventfd registrations (and unregistrations) timed.
+    pub kernel_ioeventfd_n: usize,
+    /// Devices in `unregister_many` and in the start-up.
+    pub many_n: usize,
+    /// `unregister_many` samples.
+    pub many_reps: usize,
+    /// Start-up samples per variant.
+    pub startup_reps: usize,
+    /// Guest exits per VM sample.
+    pub vm_exits: u64,
+    /// VM samples (each with and without dispatch).
+    pub vm_reps: usize,
+}
+
+impl Config {
+    /// `--quick`: under a minute on 2 cores.
+    pub fn quick() -> Self {
+        Config {
+            read_rounds: 3,
+            read_reps: 11,
+            read_iters: 100_000,
+            read2_reps: 3,
+            read2_dur: Duration::from_millis(20),
+            gp_idle_reps: 301,
+            gp_busy_reps: 101,
+            gp_long_reps: 21,
+            gp_long_section: Duration::from_millis(1),
+            call_srcu_n: 100_000,
+            call_srcu_reps: 3,
+            dispatch_reps: 21,
+            dispatch_iters: 50_000,
+            dispatch2_reps: 7,
+            dispatch2_dur: Duration::from_millis(20),
+            sizes: bus::SIZES.to_vec(),
+            register_reps: 201,
+            unregister_reps: 51,
+            kernel_ioeventfd_n: 20,
+            many_n: 200,
+            many_reps: 7,
+            startup_reps: 7,
+            vm_exits: 20_000,
+            vm_reps: 5,
+        }
+    }
+
+    /// The default: more repetitions, a few minutes.
+    pub fn full() -> Self {
+        Config {
+            read_rounds: 5,
+            read_reps: 21,
+            read_iters: 200_000,
+            read2_reps: 5,
+            read2_dur: Duration::from_millis(50),
+            gp_idle_reps: 1001,
+            gp_busy_reps: 301,
+            gp_long_reps: 51,
+            call_srcu_n: 200_000,
+            call_srcu_reps: 5,
+            dispatch_reps: 51,
+            dispatch_iters: 100_000,
+            dispatch2_reps: 15,
+            dispatch2_dur: Duration::from_millis(50),
+            register_reps: 1001,
+            unregister_reps: 201,
+            kernel_ioeventfd_n: 50,
+            many_reps: 21,
+            startup_reps: 21,
+            vm_exits: 50_000,
+            vm_reps: 11,
+            ..Self::quick()
+        }
+    }
+
+    /// Every measurement once at a tiny size (the smoke test).
+    pub fn tiny() -> Self {
+        Config {
+            read_rounds: 1,
+            read_reps: 1,
+            read_iters: 100,
+            read2_reps: 1,
+            read2_dur: Duration::from_millis(2),
+            gp_idle_reps: 3,
+            gp_busy_reps: 3,
+            gp_long_reps: 1,
+            gp_long_section: Duration::from_millis(1),
+            call_srcu_n: 100,
+            call_srcu_reps: 1,
+            dispatch_reps: 1,
+            dispatch_iters: 100,
+            dispatch2_reps: 1,
+            dispatch2_dur: Duration::from_millis(2),
+            sizes: bus::SIZES.to_vec(),
+            register_reps: 3,
+            unregister_reps: 2,
+            kernel_ioeventfd_n: 2,
+            many_n: 20,
+            many_reps: 1,
+            startup_reps: 1,
+            vm_exits: 100,
+            vm_reps: 1,
+        }
+    }
+}
+
+/// One line of the table.
+#[derive(Clone, Debug)]
+pub struct Row {
+    /// Section heading.
+    pub group: &'static str,
+    /// What was measured.
+    pub name: String,
+    /// JSON key, if any.
+    pub key: Option<String>,
+    /// Median, ns.
+    pub ns: f64,
+    /// Number of samples the median is over.
+    pub reps: usize,
+    /// Smallest and largest sample.
+    pub min_max: (f64, f64),
+    /// The srcu row of the same comparison (for the ratio column).
+    pub baseline: Option<f64>,
+    /// Extra remark.
+    pub note: String,
+}
+
+/// The result of a run.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    /// Table rows, in order.
+    pub rows: Vec<Row>,
+    /// Flat JSON numbers (ns unless the key says otherwise).
+    pub values: BTreeMap<String, f64>,
+    /// Lines printed before the table (machine, modes).
+    pub header: Vec<String>,
+    /// Measurements that could not run, with the reason.
+    pub skipped: Vec<String>,
+}
+
+impl Report {
+    fn add(
+        &mut self,
+        group: &'static str,
+        name: impl Into<String>,
+        key: Option<&str>,
+        stats: &Stats,
+        baseline: Option<f64>,
+    ) -> f64 {
+        let ns = stats.median();
+        if let Some(k) = key {
+            self.values.insert(k.to_string(), ns);
+        }
+        self.rows.push(Row {
+            group,
+            name: name.into(),
+            key: key.map(str::to_string),
+            ns,
+            reps: stats.reps(),
+            min_max: stats.min_max(),
+            baseline,
+            note: String::new(),
+        });
+        ns
+    }
+
+    fn note(&mut self, note: impl Into<String>) {
+        if let Some(r) = self.rows.last_mut() {
+            r.note = note.into();
+        }
+    }
+
+    /// A value by JSON key.
+    pub fn get(&self, key: &str) -> Option<f64> {
+        self.values.get(key).copied()
+    }
+}
+
+fn fmt_ns(ns: f64) -> String {
+    if !ns.is_finite() {
+        "n/a".into()
+    } else if ns >= 1e6 {
+        format!("{:.3} ms", ns / 1e6)
+    } else if ns >= 1e4 {
+        format!("{:.2} µs", ns / 1e3)
+    } else if ns >= 100.0 {
+        format!("{:.0} ns", ns)
+    } else {
+        format!("{:.2} ns", ns)
+    }
+}
+
+struct ReadCollect<'a> {
+    cfg: &'a Config,
+    one: &'a mut BTreeMap<(&'static str, &'static str), (usize, Vec<f64>)>,
+    two: &'a mut BTreeMap<(&'static str, &'static str), (usize, Vec<f64>)>,
+    order: &'a mut Vec<(&'static str, &'static str)>,
+    order_index: usize,
+}
+
+impl ReadVisitor for ReadCollect<'_> {
+    fn visit<P: ReadPeer>(&mut self, peer: &P) {
+        if !self.order.iter().any(|(k, _)| *k == P::KEY) {
+            self.order.push((P::KEY, P::LABEL));
+        }
+        self.order_index += 1;
+        for op in ReadOp::ALL {
+            // Warm-up (thread-local registration of crossbeam, rseq, caches).
+            read::one_thread_ns(peer, op, self.cfg.read_iters / 10 + 1);
+            let e = self
+                .one
+                .entry((P::KEY, op.name()))
+                .or_insert((self.order_index, vec![]));
+            for _ in 0..self.cfg.read_reps {
+                e.1.push(read::one_thread_ns(peer, op, self.cfg.read_iters));
+            }
+            let e = self
+                .two
+                .entry((P::KEY, op.name()))
+                .or_insert((self.order_index, vec![]));
+            for _ in 0..self.cfg.read2_reps {
+                e.1.push(read::threads_ns(peer, op, 2, self.cfg.read2_dur));
+            }
+        }
+    }
+}
+
+fn run_read(cfg: &Config, rep: &mut Report) {
+    let mut one = BTreeMap::new();
+    let mut two = BTreeMap::new();
+    let mut order = Vec::new();
+    for _ in 0..cfg.read_rounds {
+        read::for_each_peer(&mut ReadCollect {
+            cfg,
+            one: &mut one,
+            two: &mut two,
+            order: &mut order,
+            order_index: 0,
+        });
+    }
+    for (threads, map, group) in [
+        (1, &one, "1. Read section, 1 thread"),
+        (
+            2,
+            &two,
+            "1. Read section, 2 threads at once (per-thread cost)",
+        ),
+    ] {
+        for op in ReadOp::ALL {
+            let base = Stats {
+                samples: map[&("srcu", op.name())].1.clone(),
+            }
+            .median();
+            for (key, label) in &order {
+                let stats = Stats {
+                    samples: map[&(*key, op.name())].1.clone(),
+                };
+                let sfx = if threads == 2 { "_2t" } else { "" };
+                let json = match op {
+                    ReadOp::LockUnlock => format!("read_{key}{sfx}_ns"),
+                    ReadOp::LockDerefUnlock => format!("read_deref_{key}{sfx}_ns"),
+                };
+                let what = match op {
+                    ReadOp::LockUnlock => "lock+unlock",
+                    ReadOp::LockDerefUnlock => "lock+deref+unlock",
+                };
+                rep.add(
+                    group,
+                    format!("{label}: {what}"),
+                    Some(&json),
+                    &stats,
+                    Some(base),
+                );
+            }
+        }
+    }
+}
+
+fn run_grace(cfg: &Config, rep: &mut Report) {
+    const G: &str = "2. Grace periods";
+    let c = grace::domain::<Classic>();
+    let f = grace::domain::<Fast>();
+    let base = rep.add(
+        G,
+        "synchronize, idle (classic)",
+        Some("synchronize_idle_ns"),
+        &grace::synchronize_idle(&c, cfg.gp_idle_reps),
+        None,
+    );
+    rep.add(
+        G,
+        "synchronize, idle (fast)",
+        Some("synchronize_fast_idle_ns"),
+        &grace::synchronize_idle(&f, cfg.gp_idle_reps),
+        Some(base),
+    );
+    rep.add(
+        G,
+        "synchronize_expedited, idle (classic)",
+        Some("synchronize_expedited_idle_ns"),
+        &grace::synchronize_expedited_idle(&c, cfg.gp_idle_reps),
+        Some(base),
+    );
+    rep.add(
+        G,
+        "synchronize_expedited, idle (fast)",
+        Some("synchronize_expedited_fast_idle_ns"),
+        &grace::synchronize_expedited_idle(&f, cfg.gp_idle_reps),
+        Some(base),
+    );
+    let (s, n) = grace::synchronize_busy(&c, 2, cfg.gp_busy_reps, false);
+    rep.add(
+        G,
+        "synchronize, 2 threads entering/leaving (classic)",
+        Some("synchronize_busy_ns"),
+        &s,
+        Some(base),
+    );
+    rep.note(format!("{n} reader sections meanwhile"));
+    let (s, n) = grace::synchronize_busy(&f, 2, cfg.gp_busy_reps, false);
+    rep.add(
+        G,
+        "synchronize, 2 threads entering/leaving (fast)",
+        Some("synchronize_fast_busy_ns"),
+        &s,
+        Some(base),
+    );
+    rep.note(format!("{n} reader sections meanwhile"));
+    let (s, _) = grace::synchronize_busy(&c, 2, cfg.gp_busy_reps, true);
+    rep.add(
+        G,
+        "synchronize_expedited, 2 threads entering/leaving (classic)",
+        Some("synchronize_expedited_busy_ns"),
+        &s,
+        Some(base),
+    );
+    let (s, _) = grace::synchronize_busy(&f, 2, cfg.gp_busy_reps, true);
+    rep.add(
+        G,
+        "synchronize_expedited, 2 threads entering/leaving (fast)",
+        Some("synchronize_expedited_fast_busy_ns"),
+        &s,
+        Some(base),
+    );
+    let ms = cfg.gp_long_section.as_secs_f64() * 1e3;
+    for (name, key, exp) in [
+        ("synchronize", "synchronize_long_section_ns", false),
+        (
+            "synchronize_expedited",
+            "synchronize_expedited_long_section_ns",
+            true,
+        ),
+    ] {
+        rep.add(
+            G,
+            format!("{name}, one thread in back-to-back {ms} ms sections (classic)"),
+            Some(key),
+            &grace::synchronize_long_section(&c, cfg.gp_long_section, cfg.gp_long_reps, exp),
+            Some(base),
+        );
+    }
+    rep.add(
+        G,
+        format!("synchronize, one thread in back-to-back {ms} ms sections (fast)"),
+        Some("synchronize_fast_long_section_ns"),
+        &grace::synchronize_long_section(&f, cfg.gp_long_section, cfg.gp_long_reps, false),
+        Some(base),
+    );
+    for (flavor, b) in [("classic", None), ("fast", Some(()))] {
+        let bursts: Vec<grace::CallSrcu> = (0..cfg.call_srcu_reps)
+            .map(|_| match b {
+                None => grace::call_srcu_burst(&c, cfg.call_srcu_n),
+                Some(()) => grace::call_srcu_burst(&f, cfg.call_srcu_n),
+            })
+            .collect();
+        let sfx = if b.is_some() { "_fast" } else { "" };
+        let enq = Stats {
+            samples: bursts.iter().map(|b| b.enqueue_ns).collect(),
+        };
+        rep.add(
+            G,
+            format!(
+                "call_srcu, enqueue ({flavor}; burst of {})",
+                cfg.call_srcu_n
+            ),
+            Some(&format!("call_srcu{sfx}_ns")),
+            &enq,
+            None,
+        );
+        let ret = Stats {
+            samples: bursts.iter().map(|b| b.retire_ns).collect(),
+        };
+        rep.add(
+            G,
+            format!("call_srcu, burst until barrier returns, per callback ({flavor})"),
+            Some(&format!("call_srcu{sfx}_retire_ns")),
+            &ret,
+            None,
+        );
+        let per = Stats {
+            samples: bursts.iter().map(|b| b.per_gp).collect(),
+        }
+        .median();
+        rep.values
+            .insert(format!("call_srcu{sfx}_callbacks_per_gp"), per);
+        rep.note(format!("{per:.0} callbacks retired per grace period"));
+    }
+}
+
+struct DispatchCollect<'a> {
+    cfg: &'a Config,
+    rep: &'a mut Report,
+    n: usize,
+    base1: f64,
+    base2: f64,
+    rows1: Vec<Row>,
+    rows2: Vec<Row>,
+}
+
+impl BusVisitor for DispatchCollect<'_> {
+    fn visit<B: DispatchBus>(&mut self) {
+        let cfg = self.cfg;
+        let bus = B::with_devices(self.n);
+        let addr = bus::target(self.n);
+        assert!(
+            bus.dispatch(addr, &[0; 4]),
+            "{} does not dispatch",
+            B::LABEL
+        );
+        bus::dispatch_ns(&bus, addr, cfg.dispatch_iters / 10 + 1);
+        let one = Stats::collect(cfg.dispatch_reps, || {
+            bus::dispatch_ns(&bus, addr, cfg.dispatch_iters)
+        });
+        let two = Stats::collect(cfg.dispatch2_reps, || {
+            bus::dispatch_threads_ns(&bus, addr, 2, cfg.dispatch2_dur)
+        });
+        let n = self.n;
+        if B::KEY == "srcu" {
+            self.base1 = one.median();
+            self.base2 = two.median();
+        }
+        for (stats, rows, base, sfx, t) in [
+            (&one, &mut self.rows1, self.base1, "", "1 thread"),
+            (&two, &mut self.rows2, self.base2, "_2t", "2 threads"),
+        ] {
+            let key = format!("dispatch{n}_{}{sfx}_ns", B::KEY);
+            self.rep.values.insert(key.clone(), stats.median());
+            rows.push(Row {
+                group: "3. Bus dispatch (lookup + no-op device write)",
+                name: format!("{}, {n} devices, {t}", B::LABEL),
+                key: Some(key),
+                ns: stats.median(),
+                reps: stats.reps(),
+                min_max: stats.min_max(),
+                baseline: Some(base),
+                note: String::new(),
+            });
+        }
+    }
+}
+
+fn run_dispatch(cfg: &Config, rep: &mut Report) {
+    for &n in &cfg.sizes {
+        let mut v = DispatchCollect {
+            cfg,
+            rep,
+            n,
+            base1: f64::NAN,
+            base2: f64::NAN,
+            rows1: vec![],
+            rows2: vec![],
+        };
+        bus::for_each_bus(&mut v);
+        let (r1, r2) = (v.rows1, v.rows2);
+        rep.rows.extend(r1);
+        rep.rows.extend(r2);
+    }
+}
+
+fn run_registration(cfg: &Config, rep: &mut Report) {
+    const G: &str = "3. Bus registration (no readers unless stated)";
+    let buses = kvm_bus::Buses::new();
+    let reg = rep.add(
+        G,
+        "kvm-bus register_dev (deferred free)",
+        Some("register_ns"),
+        &bus::register_latency(&buses, RegisterMode::Deferred, cfg.register_reps, 50),
+        None,
+    );
+    rep.add(
+        G,
+        "register_dev + synchronize inside (pre-6.18 behaviour)",
+        Some("register_sync_ns"),
+        &bus::register_latency(&buses, RegisterMode::SyncInside, cfg.register_reps, 50),
+        Some(reg),
+    );
+    let unreg_stats = bus::unregister_latency(&buses, cfg.unregister_reps);
+    let unreg_fast = bus::unregister_latency(&kvm_bus::Buses::new_fast(), cfg.unregister_reps);
+    let unreg_busy = bus::unregister_latency_busy::<Classic>(cfg.unregister_reps, 2);
+    let many = bus::unregister_many_latency(&buses, cfg.many_n, cfg.many_reps);
+    let mut kernel = None;
+    let mut kernel_vcpu = None;
+    let mut unreg_vcpu = None;
+    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+    match crate::vm::IoeventVm::new() {
+        Ok(vm) => {
+            let (r, u) = vm.register_unregister(cfg.kernel_ioeventfd_n);
+            rep.add(
+                G,
+                "kernel KVM_IOEVENTFD assign (PIO, VM fd, no vCPU)",
+                Some("kernel_ioeventfd_register_ns"),
+                &r,
+                Some(reg),
+            );
+            kernel = Some(u);
+            match crate::vm::PioVm::new()
+                .and_then(|mut v| v.ioeventfd_while_running(cfg.kernel_ioeventfd_n))
+            {
+                Ok((r, u)) => {
+                    rep.add(
+                        G,
+                        "kernel KVM_IOEVENTFD assign (PIO, vCPU running guest PIO loop)",
+                        Some("kernel_ioeventfd_register_vcpu_ns"),
+                        &r,
+                        Some(reg),
+                    );
+                    kernel_vcpu = Some(u);
+                }
+                Err(e) => rep
+                    .skipped
+                    .push(format!("kernel KVM_IOEVENTFD with a vCPU: {e}")),
+            }
+            let buses = crate::vm::pio_buses::<Classic>(15);
+            match crate::vm::PioVm::new().and_then(|mut v| {
+                v.while_running(Some(&buses), |_| {
+                    bus::unregister_latency(&buses, cfg.unregister_reps)
+                })
+            }) {
+                Ok(u) => unreg_vcpu = Some(u),
+                Err(e) => rep
+                    .skipped
+                    .push(format!("kvm-bus unregister with a vCPU: {e}")),
+            }
+        }
+        Err(e) => rep.skipped.push(format!("kernel KVM_IOEVENTFD: {e}")),
+    }
+    let unreg = rep.add(
+        G,
+        "kvm-bus unregister_dev (one grace period, classic)",
+        Some("unregister_ns"),
+        &unreg_stats,
+        None,
+    );
+    rep.add(
+        G,
+        "kvm-bus unregister_dev (one grace period, fast)",
+        Some("unregister_fast_ns"),
+        &unreg_fast,
+        Some(unreg),
+    );
+    rep.add(
+        G,
+        "kvm-bus unregister_dev, 2 threads dispatching back to back (stress: readers always inside a section)",
+        Some("unregister_busy_ns"),
+        &unreg_busy,
+        Some(unreg),
+    );
+    if let Some(u) = unreg_vcpu {
+        rep.add(
+            G,
+            "kvm-bus unregister_dev, vCPU running guest PIO loop dispatching on these buses",
+            Some("unregister_vcpu_ns"),
+            &u,
+            Some(unreg),
+        );
+    }
+    if let Some(u) = kernel {
+        rep.add(
+            G,
+            "kernel KVM_IOEVENTFD deassign (PIO, VM fd, no vCPU)",
+            Some("kernel_ioeventfd_unregister_ns"),
+            &u,
+            Some(unreg),
+        );
+    }
+    if let Some(u) = kernel_vcpu {
+        rep.add(
+            G,
+            "kernel KVM_IOEVENTFD deassign (PIO, vCPU running guest PIO loop)",
+            Some("kernel_ioeventfd_unregister_vcpu_ns"),
+            &u,
+            Some(unreg),
+        );
+    }
+    rep.add(
+        G,
+        format!("kvm-bus unregister_many of {} (total)", cfg.many_n),
+        Some(&format!("unregister_many{}_ns", cfg.many_n)),
+        &many,
+        Some(unreg),
+    );
+    const S: &str = "3. VM start-up (2 reader threads dispatching throughout)";
+    let n = cfg.many_n;
+    let startup = |how| {
+        let mut dispatches = 0;
+        let s = Stats::collect(cfg.startup_reps, || {
+            let (ns, d) = bus::startup::<Classic>(how, n, 2);
+            dispatches += d;
+            ns
+        });
+        (s, dispatches / cfg.startup_reps as u64)
+    };
+    let (s, d) = startup(Startup::OneByOne);
+    let base = rep.add(
+        S,
+        format!("{n} x register_dev, one by one (deferred free)"),
+        Some(&format!("startup{n}_ns")),
+        &s,
+        None,
+    );
+    rep.note(format!("{d} dispatches meanwhile"));
+    let (s, d) = startup(Startup::OneByOneSync);
+    rep.add(
+        S,
+        format!("{n} x (register_dev + synchronize), pre-6.18"),
+        Some(&format!("startup{n}_sync_ns")),
+        &s,
+        Some(base),
+    );
+    rep.note(format!("{d} dispatches meanwhile"));
+    let (s, d) = startup(Startup::Many);
+    rep.add(
+        S,
+        format!("register_many of {n}"),
+        Some(&format!("startup{n}_many_ns")),
+        &s,
+        Some(base),
+    );
+    rep.note(format!("{d} dispatches meanwhile"));
+}
+
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+fn run_vm(cfg: &Config, rep: &mut Report) {
+    use crate::vm;
+    const G: &str = "4. Real VM: guest `out dx, al` loop (PIO exit to userspace)";
+    let mut pio = match vm::PioVm::new() {
+        Ok(v) => v,
+        Err(e) => {
+            rep.skipped.push(format!("real VM: {e}"));
+            return;
+        }
+    };
+    let tpn = crate::harness::tsc::ticks_per_ns(Duration::from_millis(20));
+    let buses = vm::pio_buses::<Classic>(15);
+    // Warm-up.
+    if let Err(e) = vm::exits(&mut pio, Some(&buses), cfg.vm_exits / 10 + 1, tpn) {
+        rep.skipped.push(format!("real VM: {e}"));
+        return;
+    }
+    let mut with = vec![];
+    let mut without = vec![];
+    for _ in 0..cfg.vm_reps {
+        with.push(vm::exits(&mut pio, Some(&buses), cfg.vm_exits, tpn).expect("run"));
+        without.push(vm::exits::<Classic>(&mut pio, None, cfg.vm_exits, tpn).expect("run"));
+    }
+    let exit = rep.add(
+        G,
+        "time per exit, dispatched by kvm-bus (Buses::write, 16-device PIO bus)",
+        Some("vm_exit_ns"),
+        &Stats {
+            samples: with.iter().map(|s| s.exit_ns).collect(),
+        },
+        None,
+    );
+    rep.note(format!("{} exits per sample", cfg.vm_exits));
+    let d = rep.add(
+        G,
+        "of which kvm-bus dispatch (TSC-timed)",
+        Some("vm_exit_dispatch_ns"),
+        &Stats {
+            samples: with.iter().map(|s| s.dispatch_ns).collect(),
+        },
+        Some(exit),
+    );
+    rep.note(format!("{:.3}% of the exit", 100.0 * d / exit));
+    rep.values.insert("vm_exit_dispatch_share".into(), d / exit);
+    rep.add(
+        G,
+        "time per exit, no dispatch (baseline)",
+        Some("vm_exit_nodispatch_ns"),
+        &Stats {
+            samples: without.iter().map(|s| s.exit_ns).collect(),
+        },
+        Some(exit),
+    );
+}
+
+#[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
+fn run_vm(_cfg: &Config, rep: &mut Report) {
+    rep.skipped
+        .push("real VM: needs Linux x86_64 with /dev/kvm".into());
+}
+
+fn header(rep: &mut Report) {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    rep.header.push(format!(
+        "Machine: {cpus} CPUs ({cpu}), Linux {kernel}, {}",
+        std::env::consts::ARCH
+    ));
+    rep.header
+        .push(format!("Load average at start: {}", loadavg()));
+    let c = Srcu::new();
+    let f = Srcu::new_fast();
+    rep.header.push(format!(
+        "srcu classic: reader mode {:?}, counters {:?}; srcu fast: reader mode {:?}, counters {:?}",
+        c.reader_mode(),
+        c.counter_path(),
+        f.reader_mode(),
+        f.counter_path()
+    ));
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// Runs everything `cfg` asks for; `progress` gets a line per section.
+pub fn run(cfg: &Config, mut progress: impl FnMut(&str)) -> Report {
+    let mut rep = Report::default();
+    header(&mut rep);
+    progress("read sections");
+    run_read(cfg, &mut rep);
+    progress("grace periods");
+    run_grace(cfg, &mut rep);
+    progress("bus dispatch");
+    run_dispatch(cfg, &mut rep);
+    progress("registration");
+    run_registration(cfg, &mut rep);
+    progress("real VM");
+    run_vm(cfg, &mut rep);
+    rep.header.push(format!(
+        "Load average at end: {} (other tenants share these CPUs)",
+        loadavg()
+    ));
+    rep
+}
+
+/// One target of issue 6: `lhs <= factor * rhs` (or `>=`).
+pub struct Target {
+    /// Left-hand key.
+    pub lhs: &'static str,
+    /// Right-hand key, or `None` for an absolute bound in ns.
+    pub rhs: Option<&'static str>,
+    /// Factor (or the absolute bound).
+    pub factor: f64,
+    /// `true` for `lhs >= factor * rhs`.
+    pub at_least: bool,
+}
+
+/// The targets of issue 6.
+pub const TARGETS: &[Target] = &[
+    Target {
+        lhs: "read_srcu_fast_ns",
+        rhs: Some("read_crossbeam_epoch_ns"),
+        factor: 0.35,
+        at_least: false,
+    },
+    Target {
+        lhs: "read_srcu_fast_ns",
+        rhs: Some("read_srcu_ns"),
+        factor: 0.4,
+        at_least: false,
+    },
+    Target {
+        lhs: "read_srcu_ns",
+        rhs: Some("read_crossbeam_epoch_ns"),
+        factor: 1.0,
+        at_least: false,
+    },
+    Target {
+        lhs: "read_srcu_ns",
+        rhs: Some("read_parking_lot_rwlock_ns"),
+        factor: 0.6,
+        at_least: false,
+    },
+    Target {
+        lhs: "read_srcu_2t_ns",
+        rhs: Some("read_srcu_ns"),
+        factor: 1.3,
+        at_least: false,
+    },
+    Target {
+        lhs: "read_srcu_2t_ns",
+        rhs: Some("read_parking_lot_rwlock_2t_ns"),
+        factor: 0.2,
+        at_least: false,
+    },
+    Target {
+        lhs: "dispatch64_srcu_2t_ns",
+        rhs: Some("dispatch64_rwlock_btreemap_2t_ns"),
+        factor: 0.25,
+        at_least: false,
+    },
+    Target {
+        lhs: "vm_exit_dispatch_ns",
+        rhs: Some("vm_exit_ns"),
+        factor: 0.01,
+        at_least: false,
+    },
+    Target {
+        lhs: "register_ns",
+        rhs: Some("kernel_ioeventfd_register_ns"),
+        factor: 0.5,
+        at_least: false,
+    },
+    Target {
+        lhs: "startup200_sync_ns",
+        rhs: Some("startup200_ns"),
+        factor: 5.0,
+        at_least: true,
+    },
+    Target {
+        lhs: "synchronize_idle_ns",
+        rhs: None,
+        factor: 2000.0,
+        at_least: false,
+    },
+    Target {
+        lhs: "unregister_ns",
+        rhs: Some("kernel_ioeventfd_unregister_ns"),
+        factor: 0.01,
+        at_least: false,
+    },
+    // The same target with a vCPU running the guest loop on both sides
+    // (kvm-bus: the vCPU dispatches every exit on the buses being updated).
+    Target {
+        lhs: "unregister_vcpu_ns",
+        rhs: Some("kernel_ioeventfd_unregister_vcpu_ns"),
+        factor: 0.01,
+        at_least: false,
+    },
+];
+
+/// Evaluates one target: `Some((pass, measured ratio or value))`, or
+/// `None` if a key is missing (e.g. no `/dev/kvm`).
+pub fn evaluate(rep: &Report, t: &Target) -> Option<(bool, f64)> {
+    let l = rep.get(t.lhs)?;
+    let (v, bound) = match t.rhs {
+        Some(r) => (l / rep.get(r)?, t.factor),
+        None => (l, t.factor),
+    };
+    Some((if t.at_least { v >= bound } else { v <= bound }, v))
+}
+
+impl Report {
+    /// The markdown table and the targets.
+    pub fn markdown(&self) -> String {
+        let mut s = String::new();
+        for h in &self.header {
+            let _ = writeln!(s, "{h}  ");
+        }
+        let _ = writeln!(
+            s,
+            "\nEach figure is the median of `reps` samples; a sample of a sub-microsecond \
+             operation is the mean over a timed batch (1 thread) or over a fixed wall-clock \
+             span with both threads running at once (2 threads; per-thread cost). \
+             \"x srcu\" is this row divided by the srcu row of the same comparison.\n"
+        );
+        let mut group = "";
+        for r in &self.rows {
+            if r.group != group {
+                group = r.group;
+                let _ = writeln!(s, "\n### {group}\n");
+                let _ = writeln!(
+                    s,
+                    "| benchmark | median | x srcu | reps | min .. max | key | note |"
+                );
+                let _ = writeln!(s, "|---|---:|---:|---:|---:|---|---|");
+            }
+            let ratio = match r.baseline {
+                Some(b) if b.is_finite() && b > 0.0 => format!("{:.2}", r.ns / b),
+                _ => String::new(),
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} .. {} | {} | {} |",
+                r.name,
+                fmt_ns(r.ns),
+                ratio,
+                r.reps,
+                fmt_ns(r.min_max.0),
+                fmt_ns(r.min_max.1),
+                r.key
+                    .as_deref()
+                    .map(|k| format!("`{k}`"))
+                    .unwrap_or_default(),
+                r.note
+            );
+        }
+        if !self.skipped.is_empty() {
+            let _ = writeln!(s, "\nSkipped:");
+            for k in &self.skipped {
+                let _ = writeln!(s, "- {k}");
+            }
+        }
+        let _ = writeln!(s, "\n### Targets (issue 6)\n");
+        let _ = writeln!(s, "| target | measured | result |");
+        let _ = writeln!(s, "|---|---:|---|");
+        for t in TARGETS {
+            let op = if t.at_least { ">=" } else { "<=" };
+            let text = match t.rhs {
+                Some(r) => format!("`{}` {op} {} x `{r}`", t.lhs, t.factor),
+                None => format!("`{}` {op} {}", t.lhs, fmt_ns(t.factor)),
+            };
+            let (m, res) = match evaluate(self, t) {
+                Some((pass, v)) => (
+                    if t.rhs.is_some() {
+                        format!("{v:.3} x")
+                    } else {
+                        fmt_ns(v)
+                    },
+                    if pass { "PASS" } else { "MISS" },
+                ),
+                None => ("n/a".into(), "not measured"),
+            };
+            let _ = writeln!(s, "| {text} | {m} | {res} |");
+        }
+        s
+    }
+
+    /// The flat JSON object.
+    pub fn json(&self) -> String {
+        let mut s = String::from("{\n");
+        let n = self.values.len();
+        for (i, (k, v)) in self.values.iter().enumerate() {
+            let v = if v.is_finite() {
+                format!("{v:.3}")
+            } else {
+                "null".into()
+            };
+            let _ = writeln!(s, "  \"{k}\": {v}{}", if i + 1 < n { "," } else { "" });
+        }
+        s.push('}');
+        s.push('\n');
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every measurement once, at a tiny size, so nothing rots.
+    #[test]
+    fn every_measurement_runs_once() {
+        let t0 = std::time::Instant::now();
+        let rep = run(&Config::tiny(), |_| {});
+        for key in [
+            "read_srcu_ns",
+            "read_srcu_fast_ns",
+            "read_parking_lot_rwlock_ns",
+            "read_std_rwlock_ns",
+            "read_crossbeam_epoch_ns",
+            "read_arc_swap_ns",
+            "read_srcu_2t_ns",
+            "read_srcu_fast_2t_ns",
+            "read_parking_lot_rwlock_2t_ns",
+            "read_std_rwlock_2t_ns",
+            "read_crossbeam_epoch_2t_ns",
+            "read_arc_swap_2t_ns",
+            "synchronize_idle_ns",
+            "synchronize_fast_idle_ns",
+            "synchronize_busy_ns",
+            "dispatch64_srcu_ns",
+            "dispatch64_rwlock_btreemap_ns",
+            "dispatch64_srcu_2t_ns",
+            "dispatch64_rwlock_btreemap_2t_ns",
+            "register_ns",
+            "register_sync_ns",
+            "unregister_ns",
+            "startup20_ns",
+            "startup20_sync_ns",
+        ] {
+            let v = rep.get(key).unwrap_or_else(|| panic!("missing {key}"));
+            assert!(v.is_finite() && v > 0.0, "{key} = {v}");
+        }
+        let md = rep.markdown();
+        assert!(md.contains("### Targets"));
+        assert!(rep.json().contains("\"read_srcu_ns\": "));
+        eprintln!("tiny report took {:?}", t0.elapsed());
+    }
+}
