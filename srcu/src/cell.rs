@@ -80,7 +80,7 @@ fn into_raw<T>(v: Option<Box<T>>) -> *mut T {
 
 impl<T: Send + Sync + 'static> SrcuCell<T> {
     /// A cell of `srcu`'s domain, updated under `lock`, holding `value`.
-    pub fn new<F: Flavor, L: ?Sized>(
+    pub fn new<F: Flavor, L>(
         srcu: &Srcu<F>,
         lock: &UpdateLock<L>,
         value: Option<T>,
@@ -126,7 +126,7 @@ impl<T: Send + Sync + 'static> SrcuCell<T> {
     /// # Panics
     ///
     /// If `proof` is a guard of another lock than the cell's.
-    pub fn dereference_protected<'a, L: ?Sized>(
+    pub fn dereference_protected<'a, L>(
         &'a self,
         proof: &'a UpdateGuard<'_, L>,
     ) -> Option<&'a T> {
@@ -146,7 +146,7 @@ impl<T: Send + Sync + 'static> SrcuCell<T> {
     /// # Panics
     ///
     /// If `proof` is a guard of another lock than the cell's.
-    pub fn replace<L: ?Sized>(
+    pub fn replace<L>(
         &self,
         new: Option<T>,
         proof: &UpdateGuard<'_, L>,
@@ -164,12 +164,12 @@ impl<T: Send + Sync + 'static> SrcuCell<T> {
     }
 
     /// Publishes `value`; the previous value, if any, as [`Stale`].
-    pub fn assign<L: ?Sized>(&self, value: T, proof: &UpdateGuard<'_, L>) -> Option<Stale<T>> {
+    pub fn assign<L>(&self, value: T, proof: &UpdateGuard<'_, L>) -> Option<Stale<T>> {
         self.replace(Some(value), proof)
     }
 
     /// Empties the cell; the previous value, if any, as [`Stale`].
-    pub fn take<L: ?Sized>(&self, proof: &UpdateGuard<'_, L>) -> Option<Stale<T>> {
+    pub fn take<L>(&self, proof: &UpdateGuard<'_, L>) -> Option<Stale<T>> {
         self.replace(None, proof)
     }
 
@@ -189,7 +189,7 @@ impl<T: Send + Sync + 'static> SrcuCell<T> {
     }
 
     #[inline]
-    fn check_lock<L: ?Sized>(&self, proof: &UpdateGuard<'_, L>) {
+    fn check_lock<L>(&self, proof: &UpdateGuard<'_, L>) {
         if proof.lock_id() != self.lock_id {
             wrong_lock();
         }

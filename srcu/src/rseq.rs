@@ -33,7 +33,7 @@
 /// Where the rseq area of every thread lives: its offset from the thread
 /// pointer, found once per process.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct RseqOffset(pub(crate) isize);
+pub(crate) struct RseqOffset(#[allow(dead_code)] pub(crate) isize);
 
 /// Looks up glibc's rseq registration. `None` if the C library does not
 /// register rseq for its threads (old glibc, musl, tunable off) or the

@@ -17,14 +17,14 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 /// *g += 1;
 /// assert_eq!(cell.dereference_protected(&g).map(String::as_str), Some("a"));
 /// ```
-pub struct UpdateLock<T: ?Sized = ()> {
+pub struct UpdateLock<T = ()> {
     id: usize,
     mutex: crate::sync::Mutex<T>,
 }
 
 /// Held [`UpdateLock`]; unlocks on drop. Dereferences to the protected data.
 #[must_use = "the lock is released when the guard is dropped"]
-pub struct UpdateGuard<'a, T: ?Sized = ()> {
+pub struct UpdateGuard<'a, T = ()> {
     id: usize,
     guard: crate::sync::MutexGuard<'a, T>,
 }
@@ -44,7 +44,7 @@ impl<T> UpdateLock<T> {
     }
 }
 
-impl<T: ?Sized> UpdateLock<T> {
+impl<T> UpdateLock<T> {
     /// Acquires the lock, blocking while another thread holds it.
     pub fn lock(&self) -> UpdateGuard<'_, T> {
         UpdateGuard {
@@ -64,26 +64,26 @@ impl<T: Default> Default for UpdateLock<T> {
     }
 }
 
-impl<T: ?Sized> UpdateGuard<'_, T> {
+impl<T> UpdateGuard<'_, T> {
     pub(crate) fn lock_id(&self) -> usize {
         self.id
     }
 }
 
-impl<T: ?Sized> Deref for UpdateGuard<'_, T> {
+impl<T> Deref for UpdateGuard<'_, T> {
     type Target = T;
     fn deref(&self) -> &T {
         &self.guard
     }
 }
 
-impl<T: ?Sized> DerefMut for UpdateGuard<'_, T> {
+impl<T> DerefMut for UpdateGuard<'_, T> {
     fn deref_mut(&mut self) -> &mut T {
         &mut self.guard
     }
 }
 
-impl<T: ?Sized> core::fmt::Debug for UpdateLock<T> {
+impl<T> core::fmt::Debug for UpdateLock<T> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("UpdateLock")
             .field("id", &self.id)
@@ -91,7 +91,7 @@ impl<T: ?Sized> core::fmt::Debug for UpdateLock<T> {
     }
 }
 
-impl<T: ?Sized> core::fmt::Debug for UpdateGuard<'_, T> {
+impl<T> core::fmt::Debug for UpdateGuard<'_, T> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("UpdateGuard")
             .field("id", &self.id)

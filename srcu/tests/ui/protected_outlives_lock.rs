@@ -1,0 +1,12 @@
+use srcu::{Srcu, SrcuCell, UpdateLock};
+
+fn main() {
+    let srcu = Srcu::new();
+    let lock = UpdateLock::new(());
+    let cell = SrcuCell::new(&srcu, &lock, Some(5u32));
+    let r = {
+        let g = lock.lock();
+        cell.dereference_protected(&g).unwrap()
+    };
+    println!("{r}");
+}
