@@ -133,12 +133,30 @@ pub(crate) unsafe fn percpu_inc(rseq: RseqOffset, base: *mut u64, nr_cpus: u32) 
             "lea rax, [rip + 3b]\n mov qword ptr fs:[{off} + 8], rax"
         };
     }
-    // Teeth: without arming rseq_cs the add is no longer restarted on
-    // preemption, so two threads on one CPU can lose increments.
+    // Teeth: without arming rseq_cs the sequence is no longer restarted on
+    // preemption or migration.
     #[cfg(srcu_teeth = "rseq_restart")]
     macro_rules! arm {
         () => {
             "lea rax, [rip + 3b]"
+        };
+    }
+    // The commit. Normally one `add` to memory: preemption can only hit
+    // between reading `cpu_id` and this instruction (a migration window of
+    // three instructions). The teeth builds (`rseq_restart`, and the
+    // `rseq_wide` control that keeps the restart) split it into load, a
+    // 64-`pause` delay, add, store, so that preemption inside the window is
+    // common and the tests can show what the restart protects against.
+    #[cfg(not(any(srcu_teeth = "rseq_restart", srcu_teeth = "rseq_wide")))]
+    macro_rules! commit {
+        () => {
+            "add qword ptr [{base} + rax], 1"
+        };
+    }
+    #[cfg(any(srcu_teeth = "rseq_restart", srcu_teeth = "rseq_wide"))]
+    macro_rules! commit {
+        () => {
+            "lea rcx, [{base} + rax]\n mov rdx, qword ptr [rcx]\n mov eax, 64\n 9: pause\n dec eax\n jnz 9b\n add rdx, 1\n mov qword ptr [rcx], rdx"
         };
     }
     // SAFETY: see the module docs and this function's contract. The asm
@@ -161,7 +179,7 @@ pub(crate) unsafe fn percpu_inc(rseq: RseqOffset, base: *mut u64, nr_cpus: u32) 
             "cmp eax, {nr:e}",
             "jae 7f",
             "shl rax, 7",
-            "add qword ptr [{base} + rax], 1",
+            commit!(),
             "5:",
             "mov {ok:e}, 1",
             "jmp 8f",
@@ -179,6 +197,8 @@ pub(crate) unsafe fn percpu_inc(rseq: RseqOffset, base: *mut u64, nr_cpus: u32) 
             nr = in(reg) nr_cpus,
             ok = out(reg) ok,
             out("rax") _,
+            out("rcx") _,
+            out("rdx") _,
             options(nostack),
         );
     }
