@@ -80,11 +80,7 @@ fn into_raw<T>(v: Option<Box<T>>) -> *mut T {
 
 impl<T: Send + Sync + 'static> SrcuCell<T> {
     /// A cell of `srcu`'s domain, updated under `lock`, holding `value`.
-    pub fn new<F: Flavor, L>(
-        srcu: &Srcu<F>,
-        lock: &UpdateLock<L>,
-        value: Option<T>,
-    ) -> Self {
+    pub fn new<F: Flavor, L>(srcu: &Srcu<F>, lock: &UpdateLock<L>, value: Option<T>) -> Self {
         SrcuCell {
             ptr: AtomicPtr::new(into_raw(value.map(Box::new))),
             domain: srcu.inner.clone(),
@@ -126,10 +122,7 @@ impl<T: Send + Sync + 'static> SrcuCell<T> {
     /// # Panics
     ///
     /// If `proof` is a guard of another lock than the cell's.
-    pub fn dereference_protected<'a, L>(
-        &'a self,
-        proof: &'a UpdateGuard<'_, L>,
-    ) -> Option<&'a T> {
+    pub fn dereference_protected<'a, L>(&'a self, proof: &'a UpdateGuard<'_, L>) -> Option<&'a T> {
         self.check_lock(proof);
         // SAFETY: only holders of the lock change the pointer, and freeing
         // the value it points to requires unpublishing it first (under the
@@ -146,11 +139,7 @@ impl<T: Send + Sync + 'static> SrcuCell<T> {
     /// # Panics
     ///
     /// If `proof` is a guard of another lock than the cell's.
-    pub fn replace<L>(
-        &self,
-        new: Option<T>,
-        proof: &UpdateGuard<'_, L>,
-    ) -> Option<Stale<T>> {
+    pub fn replace<L>(&self, new: Option<T>, proof: &UpdateGuard<'_, L>) -> Option<Stale<T>> {
         self.check_lock(proof);
         // P: release (the acquire half orders nothing we rely on; swap is
         // one instruction on x86_64).

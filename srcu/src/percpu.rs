@@ -96,7 +96,7 @@ impl Counters {
 
     /// A slot for an atomic RMW: the current CPU's if known, else a
     /// per-thread hash. Any slot is correct; this only spreads contention.
-    #[inline(always)]
+    #[inline]
     fn atomic_slot(&self) -> &Slot {
         if let Some(rseq) = self.rseq {
             // Threads whose rseq area works never reach here for
@@ -110,6 +110,9 @@ impl Counters {
 
     /// `read_lock`'s increment followed by barrier B (classic), or with B
     /// as a compiler barrier only (`fast`, whose partner is membarrier).
+    ///
+    /// The inlined fast path covers the rseq path; everything else is in
+    /// the out-of-line [`Counters::inc_lock_slow`].
     #[inline(always)]
     pub(crate) fn inc_lock(&self, idx: usize, fast: bool) {
         debug_assert!(idx < 2);
@@ -122,21 +125,25 @@ impl Counters {
                 if unsafe { rseq::percpu_inc(rseq, base, self.nr_cpus) } {
                     return;
                 }
-                // CPU number out of range: shared slot (full barrier).
-                self.atomic_inc_lock_full(self.atomic_slot(), idx);
-                return;
-            }
-            // Classic: a locked add on this CPU's slot (atomic, so a
-            // migration in between is harmless); it is barrier B.
-            let cpu = rseq::cpu_id(rseq) as usize;
-            let slot = if cpu < self.nr_cpus as usize {
-                &self.slots[cpu]
             } else {
-                self.atomic_slot()
-            };
-            self.atomic_inc_lock_full(slot, idx);
-            return;
+                // Classic: a locked add on this CPU's slot (atomic, so a
+                // migration in between is harmless); it is barrier B.
+                let cpu = rseq::cpu_id(rseq);
+                if cpu < self.nr_cpus {
+                    // SAFETY: `cpu < nr_cpus <= slots.len()`.
+                    let slot = unsafe { self.slots.get_unchecked(cpu as usize) };
+                    Self::atomic_inc_lock_full(slot, idx);
+                    return;
+                }
+            }
         }
+        self.inc_lock_slow(idx, fast);
+    }
+
+    /// Atomic path, or a CPU number beyond the per-CPU slots.
+    #[cold]
+    #[inline(never)]
+    fn inc_lock_slow(&self, idx: usize, fast: bool) {
         let slot = self.atomic_slot();
         if fast {
             // B: compiler barrier only; the grace period's membarrier is
@@ -144,13 +151,13 @@ impl Counters {
             slot.lock[idx].fetch_add(1, Relaxed);
             core::sync::atomic::compiler_fence(SeqCst);
         } else {
-            self.atomic_inc_lock_full(slot, idx);
+            Self::atomic_inc_lock_full(slot, idx);
         }
     }
 
     /// Increment plus barrier B (full), paired with A and E.
     #[inline(always)]
-    fn atomic_inc_lock_full(&self, slot: &Slot, idx: usize) {
+    fn atomic_inc_lock_full(slot: &Slot, idx: usize) {
         #[cfg(all(target_arch = "x86_64", not(loom)))]
         {
             if cfg!(srcu_teeth = "b") {
@@ -184,6 +191,12 @@ impl Counters {
                 return;
             }
         }
+        self.inc_unlock_slow(idx);
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn inc_unlock_slow(&self, idx: usize) {
         // C: release, paired with the acquire that fence A gives the
         // updater's relaxed sum (see barriers.rs).
         let order = if cfg!(srcu_teeth = "c") {

@@ -2,13 +2,19 @@
 //! counter paths.
 #![cfg(not(loom))]
 
-use srcu::{Classic, CounterPath, Fast, Flavor, GpCookie, ReaderMode, Srcu, SrcuCell, StallReport, UpdateLock};
+use srcu::{
+    Classic, CounterPath, Fast, Flavor, GpCookie, ReaderMode, Srcu, SrcuCell, StallReport,
+    UpdateLock,
+};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::{mpsc, Arc, Barrier};
 use std::time::Duration;
 
 fn domains<F: Flavor>() -> Vec<Srcu<F>> {
-    vec![Srcu::<F>::builder().build(), Srcu::<F>::builder().force_atomic_counters(true).build()]
+    vec![
+        Srcu::<F>::builder().build(),
+        Srcu::<F>::builder().force_atomic_counters(true).build(),
+    ]
 }
 
 /// Dropping the canary's owner sets the flag: used to see when frees happen.
@@ -23,7 +29,9 @@ impl Drop for DropFlag {
 fn modes_are_reported() {
     let c = Srcu::new();
     assert_eq!(c.reader_mode(), ReaderMode::FullBarrier);
-    let forced = Srcu::<Classic>::builder().force_atomic_counters(true).build();
+    let forced = Srcu::<Classic>::builder()
+        .force_atomic_counters(true)
+        .build();
     assert_eq!(forced.counter_path(), CounterPath::Atomic);
     let f = Srcu::new_fast();
     // This machine's kernel (6.x) has membarrier; CI runs here too.
@@ -32,7 +40,11 @@ fn modes_are_reported() {
     }
     #[cfg(all(target_os = "linux", target_arch = "x86_64", target_env = "gnu"))]
     if std::env::var("GLIBC_TUNABLES").map_or(true, |t| !t.contains("rseq=0")) {
-        assert_eq!(c.counter_path(), CounterPath::Rseq, "glibc 2.35+ registers rseq on this machine");
+        assert_eq!(
+            c.counter_path(),
+            CounterPath::Rseq,
+            "glibc 2.35+ registers rseq on this machine"
+        );
     }
     let dbg = format!("{f:?}");
     assert!(dbg.contains("fast"), "{dbg}");
@@ -75,7 +87,10 @@ fn synchronize_waits_for_preexisting_reader<F: Flavor>() {
             sc.spawn(|| {
                 s.synchronize();
                 // The reader must have left before we get here.
-                assert!(!in_section.load(SeqCst), "synchronize returned while a pre-existing reader was inside");
+                assert!(
+                    !in_section.load(SeqCst),
+                    "synchronize returned while a pre-existing reader was inside"
+                );
                 synced.store(true, SeqCst);
                 tx.send(()).unwrap();
             });
@@ -166,7 +181,10 @@ fn concurrent_synchronize_calls_share_grace_periods() {
     });
     let used = s.completed_grace_periods() - before;
     assert!(used >= 1);
-    assert!(used < n as u64, "8 concurrent callers used {used} grace periods; they should share");
+    assert!(
+        used < n as u64,
+        "8 concurrent callers used {used} grace periods; they should share"
+    );
 }
 
 #[test]
@@ -224,7 +242,10 @@ fn polled_grace_periods() {
     let s = Srcu::new();
     let g = s.read_lock();
     let c: GpCookie = s.start_poll();
-    assert!(!s.poll(c), "a grace period cannot complete while a pre-existing reader is inside");
+    assert!(
+        !s.poll(c),
+        "a grace period cannot complete while a pre-existing reader is inside"
+    );
     let state = s.get_state();
     assert!(state >= c);
     drop(g);
@@ -237,8 +258,13 @@ fn polled_grace_periods() {
 #[test]
 fn counters_wrap() {
     for s in [
-        Srcu::<Classic>::builder().preset_counters(usize::MAX - 3).build(),
-        Srcu::<Classic>::builder().preset_counters(usize::MAX - 3).force_atomic_counters(true).build(),
+        Srcu::<Classic>::builder()
+            .preset_counters(usize::MAX - 3)
+            .build(),
+        Srcu::<Classic>::builder()
+            .preset_counters(usize::MAX - 3)
+            .force_atomic_counters(true)
+            .build(),
     ] {
         for _ in 0..10 {
             let g = s.read_lock();
@@ -312,14 +338,15 @@ fn stall_hook_reports_once_with_reader_count() {
 fn synchronize_inside_own_section_panics_in_debug() {
     let s = Srcu::new();
     let g = s.read_lock();
-    let err = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.synchronize())).unwrap_err();
+    let err =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.synchronize())).unwrap_err();
     let msg = err.downcast_ref::<String>().cloned().unwrap_or_default();
     assert!(msg.contains("inside a read section"), "{msg}");
     let err = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.barrier())).unwrap_err();
     assert!(err.downcast_ref::<String>().unwrap().contains("barrier"));
     drop(g);
     s.synchronize(); // fine now
-    // Another domain's section does not count.
+                     // Another domain's section does not count.
     let other = Srcu::new();
     let _og = other.read_lock();
     s.synchronize();
@@ -353,7 +380,9 @@ fn cell_read_update_destroy() {
         assert_eq!(cell.dereference_protected(&ug).map(|v| v.0), Some(1));
         let g = s.read_lock();
         let seen = cell.dereference(&g).unwrap();
-        let stale = cell.assign((2, DropFlag(Arc::new(AtomicBool::new(false)))), &ug).unwrap();
+        let stale = cell
+            .assign((2, DropFlag(Arc::new(AtomicBool::new(false)))), &ug)
+            .unwrap();
         drop(stale); // deferred: the reader above still sees the old value
         assert_eq!(seen.0, 1);
         assert!(!freed.load(SeqCst), "freed while a reader held it");
@@ -368,7 +397,12 @@ fn cell_read_update_destroy() {
         let g = s.read_lock();
         assert!(cell.dereference(&g).is_none());
     }
-    assert!(cell.replace(Some((3, DropFlag(Arc::new(AtomicBool::new(false))))), &lock.lock()).is_none());
+    assert!(cell
+        .replace(
+            Some((3, DropFlag(Arc::new(AtomicBool::new(false))))),
+            &lock.lock()
+        )
+        .is_none());
     assert_eq!(cell.into_inner().map(|v| v.0), Some(3));
 }
 

@@ -23,8 +23,15 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::*};
 /// Iterations per configuration (`SRCU_LITMUS_ITERS` overrides). The fast
 /// flavor issues a membarrier per check, so it gets half.
 fn iters(fast: bool) -> u64 {
-    let n = std::env::var("SRCU_LITMUS_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
-    if fast { n / 2 } else { n }
+    let n = std::env::var("SRCU_LITMUS_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    if fast {
+        n / 2
+    } else {
+        n
+    }
 }
 
 /// Runs the litmus test; returns the number of forbidden outcomes.
@@ -94,14 +101,25 @@ fn run<F: Flavor>(name: &str, srcu: Srcu<F>) {
         srcu.counter_path(),
         t.elapsed().as_secs_f64()
     );
-    assert_eq!(bad, 0, "{name}: the drain check missed a reader that then missed the updater's store");
+    assert_eq!(
+        bad, 0,
+        "{name}: the drain check missed a reader that then missed the updater's store"
+    );
 }
 
 // One test runs all four configurations in turn: they need both cores.
 #[test]
 fn store_buffering_is_forbidden() {
     run("classic", Srcu::<Classic>::builder().build());
-    run("classic-atomic", Srcu::<Classic>::builder().force_atomic_counters(true).build());
+    run(
+        "classic-atomic",
+        Srcu::<Classic>::builder()
+            .force_atomic_counters(true)
+            .build(),
+    );
     run("fast", Srcu::<Fast>::builder().build());
-    run("fast-atomic", Srcu::<Fast>::builder().force_atomic_counters(true).build());
+    run(
+        "fast-atomic",
+        Srcu::<Fast>::builder().force_atomic_counters(true).build(),
+    );
 }

@@ -34,7 +34,10 @@ unsafe impl Sync for Shared {}
 
 impl Obj {
     fn new(value: u32) -> Self {
-        Obj(Box::leak(Box::new(Shared { value, canary: UnsafeCell::new(LIVE) })))
+        Obj(Box::leak(Box::new(Shared {
+            value,
+            canary: UnsafeCell::new(LIVE),
+        })))
     }
     /// Reader side: the object must not have been freed.
     fn check(&self) -> u32 {

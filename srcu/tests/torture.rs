@@ -60,7 +60,10 @@ struct Stats {
 }
 
 fn duration() -> Duration {
-    let secs: f64 = std::env::var("SRCU_TORTURE_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(0.5);
+    let secs: f64 = std::env::var("SRCU_TORTURE_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.5);
     Duration::from_secs_f64(secs)
 }
 
@@ -87,7 +90,11 @@ fn torture<F: Flavor>(name: &str, force_atomic: bool) {
         })
         .build();
     let lock = UpdateLock::new(0u64);
-    let new_obj = |seq| Obj { canary: AtomicU64::new(LIVE), seq, removed_at: AtomicU64::new(NOT_REMOVED) };
+    let new_obj = |seq| Obj {
+        canary: AtomicU64::new(LIVE),
+        seq,
+        removed_at: AtomicU64::new(NOT_REMOVED),
+    };
     let cell = SrcuCell::new(&srcu, &lock, Some(new_obj(0)));
     let stats = Stats::default();
     let stop = AtomicBool::new(false);
@@ -115,7 +122,10 @@ fn torture<F: Flavor>(name: &str, force_atomic: bool) {
                     let g = srcu.read_lock();
                     let obj = cell.dereference(&g).expect("never empty");
                     check(obj, started_at, stats);
-                    assert!(obj.seq >= last_seq || r == u64::MAX, "values go backwards within a reader");
+                    assert!(
+                        obj.seq >= last_seq || r == u64::MAX,
+                        "values go backwards within a reader"
+                    );
                     last_seq = obj.seq;
                     match (i + r) % 64 {
                         0 => std::thread::sleep(Duration::from_micros(50)),
@@ -203,9 +213,20 @@ fn torture<F: Flavor>(name: &str, force_atomic: bool) {
         stats.stale.load(Relaxed),
         if balanced { "balanced" } else { "UNBALANCED" },
     );
-    assert_eq!(stats.poisoned.load(Relaxed), 0, "{name}: a reader saw a freed object");
-    assert_eq!(stats.stale.load(Relaxed), 0, "{name}: a reader saw a value unpublished before a completed grace period");
-    assert!(balanced, "{name}: lock and unlock counts differ: a per-CPU increment was lost");
+    assert_eq!(
+        stats.poisoned.load(Relaxed),
+        0,
+        "{name}: a reader saw a freed object"
+    );
+    assert_eq!(
+        stats.stale.load(Relaxed),
+        0,
+        "{name}: a reader saw a value unpublished before a completed grace period"
+    );
+    assert!(
+        balanced,
+        "{name}: lock and unlock counts differ: a per-CPU increment was lost"
+    );
     assert!(stats.reads.load(Relaxed) > 0 && stats.updates.load(Relaxed) > 0);
 }
 
@@ -265,7 +286,10 @@ fn counters_exact<F: Flavor>(name: &str) {
         t0.elapsed().as_secs_f64(),
         readers as isize
     );
-    assert_eq!(readers, 0, "{name}: per-CPU increments were lost under preemption");
+    assert_eq!(
+        readers, 0,
+        "{name}: per-CPU increments were lost under preemption"
+    );
     srcu.synchronize();
 }
 
