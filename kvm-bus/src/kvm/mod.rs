@@ -1,1 +1,63 @@
-//! placeholder for the kvm-ioctls adapter
+//! Real KVM: a `kvm-ioctls` vCPU-exit adapter for the buses, and a minimal
+//! VM to run it on.
+//!
+//! * [`run_vcpu`](crate::kvm::run_vcpu) / [`run_once`](crate::kvm::run_once): run a [`VcpuFd`](kvm_ioctls::VcpuFd),
+//!   dispatch `KVM_EXIT_IO` on the [`Pio`](crate::BusKind::Pio) bus and
+//!   `KVM_EXIT_MMIO` on the [`Mmio`](crate::BusKind::Mmio) bus, one SRCU
+//!   read section per exit (never held across `KVM_RUN`), string I/O as
+//!   `count` accesses of `size` bytes in order, all-ones for unhandled
+//!   reads, dropped unhandled writes, per-vCPU [`VcpuStats`](crate::kvm::VcpuStats).
+//! * [`MiniVm`](crate::kvm::MiniVm): a minimal long-mode VM (memory, page tables, guest code,
+//!   N vCPUs) for demos, tests and benchmarks, with a typed error when
+//!   `/dev/kvm` is missing or not accessible.
+//! * [`Asm`](crate::kvm::Asm): a tiny x86-64 code emitter to write guest code in Rust.
+//!
+//! A VMM's vCPU thread, in full:
+//!
+//! ```no_run
+//! use kvm_bus::kvm::{run_vcpu, MiniVm, VcpuStats, VmExit, Asm, Reg, Width};
+//! use kvm_bus::{Buses, BusKind, Declined, IoDevice, IoRange};
+//! use std::sync::Arc;
+//!
+//! struct Serial;
+//! impl IoDevice for Serial {
+//!     fn read(&self, _: u64, _: &mut [u8]) -> Result<(), Declined> { Err(Declined) }
+//!     fn write(&self, _: u64, data: &[u8]) -> Result<(), Declined> {
+//!         print!("{}", data[0] as char);
+//!         Ok(())
+//!     }
+//! }
+//!
+//! let mut a = Asm::new();
+//! a.mov_imm(Reg::Rdx, 0x3f8);
+//! a.mov_imm(Reg::Rax, u64::from(b'!'));
+//! a.out_dx(Width::B1);
+//! a.hlt();
+//! let mut vm = MiniVm::builder().code(&a.finish()).build()?;
+//!
+//! let buses = Buses::new();
+//! let slots = buses.lock_slots();
+//! buses.register_dev(&slots, BusKind::Pio, IoRange::new(0x3f8, 8)?, Arc::new(Serial))?;
+//! drop(slots);
+//!
+//! let stats = VcpuStats::new();
+//! let mut vcpu = vm.take_vcpus().remove(0);
+//! assert_eq!(run_vcpu(&mut vcpu, &buses, &stats)?, VmExit::Hlt);
+//! assert_eq!(stats.snapshot().handled, 1);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod error;
+mod exit;
+pub mod guest;
+mod stats;
+mod vm;
+
+pub use error::VmError;
+pub use exit::{run_once, run_vcpu, VmExit};
+pub use guest::{Asm, Cond, Label, Reg, Width, CODE_ADDR, DATA_ADDR};
+pub use stats::{Latency, StatsSnapshot, VcpuStats};
+pub use vm::{
+    timed, GuestMemory, IoeventfdTiming, MiniVm, MiniVmBuilder, DEFAULT_MEM_SIZE, MAX_VCPUS,
+    STACK_SIZE,
+};
