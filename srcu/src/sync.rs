@@ -54,6 +54,7 @@ mod loom_shim {
                 core::ptr::write(g, back);
             }
         }
+        #[allow(dead_code)]
         pub(crate) fn notify_all(&self) -> bool {
             self.0.notify_all();
             true
