@@ -760,3 +760,33 @@ fn vm_teardown_drops_every_device_once() {
     );
     assert!(weak.iter().all(|w| w.strong_count() == 0));
 }
+
+#[test]
+fn vm_non_io_exits_return_to_the_caller() {
+    let Some(_kvm) = kvm_or_skip("vm_non_io_exits_return_to_the_caller") else {
+        return;
+    };
+    let mut a = Asm::new();
+    a.mov_imm(Reg::Rdx, PORT);
+    a.out_dx(Width::B1);
+    a.hlt();
+    a.out_dx(Width::B1);
+    a.raw(&[0x0f, 0x0b]); // ud2 with no IDT: triple fault
+    let mut vm = MiniVm::builder().code(&a.finish()).build().unwrap();
+    let buses = Buses::new();
+    let dev = Arc::new(Counter::default());
+    reg(&buses, BusKind::Pio, PORT, 1, dev.clone());
+    let mut vcpu = vm.take_vcpus().remove(0);
+    let stats = kvm_bus::kvm::VcpuStats::new();
+    let run = |vcpu: &mut _| kvm_bus::kvm::run_vcpu(vcpu, &buses, &stats).unwrap();
+    assert_eq!(run(&mut vcpu), kvm_bus::kvm::VmExit::Hlt);
+    assert_eq!(dev.hits(), 1);
+    // Resuming after hlt continues with the next instruction.
+    assert_eq!(run(&mut vcpu), kvm_bus::kvm::VmExit::Shutdown);
+    assert_eq!(dev.hits(), 2);
+    let s = stats.snapshot();
+    assert_eq!(
+        (s.exits, s.io_exits, s.handled, s.unhandled()),
+        (4, 2, 2, 0)
+    );
+}

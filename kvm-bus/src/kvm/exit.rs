@@ -65,6 +65,10 @@ enum Step {
 /// An access that no device accepts is counted; a read gets all-ones
 /// (`0xff` bytes), a write is dropped, and the guest continues.
 ///
+/// The [`FastMmio`](BusKind::FastMmio) bus is not consulted: in Linux it
+/// serves zero-length ioeventfds matched by the kernel before any
+/// instruction is decoded, which never reach userspace as MMIO exits.
+///
 /// # Errors
 ///
 /// The errno of a failed `KVM_RUN` (`EINTR` when a signal or
