@@ -144,10 +144,14 @@ impl<T: Send + Sync + 'static> SrcuCell<T> {
         // P: release (the acquire half orders nothing we rely on; swap is
         // one instruction on x86_64).
         let old = self.ptr.swap(into_raw(new.map(Box::new)), AcqRel);
+        if old.is_null() {
+            return None;
+        }
         // SAFETY: `old` came from `Box::into_raw` and is now unreachable
         // for new readers; `Stale` frees it only after a grace period.
-        (!old.is_null()).then(|| Stale {
-            value: Some(unsafe { Box::from_raw(old) }),
+        let value = unsafe { Box::from_raw(old) };
+        Some(Stale {
+            value: Some(value),
             domain: self.domain.clone(),
         })
     }
