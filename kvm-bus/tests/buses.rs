@@ -480,3 +480,86 @@ fn dropping_buses_frees_devices() {
         "dropping Buses ran every deferred free"
     );
 }
+
+/// Blocks inside its handler until released; records whether the
+/// updater's `unregister_dev` had returned by the time it leaves.
+struct Gate {
+    entered: std::sync::mpsc::SyncSender<()>,
+    release: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+    unregister_returned: Arc<AtomicBool>,
+    saw_returned: AtomicBool,
+}
+
+impl IoDevice for Gate {
+    fn read(&self, _: u64, _: &mut [u8]) -> Result<(), Declined> {
+        Err(Declined)
+    }
+    fn write(&self, _: u64, _: &[u8]) -> Result<(), Declined> {
+        self.entered.send(()).unwrap();
+        self.release.lock().unwrap().recv().unwrap();
+        self.saw_returned
+            .store(self.unregister_returned.load(SeqCst), SeqCst);
+        Ok(())
+    }
+}
+
+fn unregister_waits_for_handler<F: Flavor>(buses: Buses<F>) {
+    let (entered_tx, entered_rx) = std::sync::mpsc::sync_channel(1);
+    let (release_tx, release_rx) = std::sync::mpsc::channel();
+    let returned = Arc::new(AtomicBool::new(false));
+    let gate = Arc::new(Gate {
+        entered: entered_tx,
+        release: std::sync::Mutex::new(release_rx),
+        unregister_returned: returned.clone(),
+        saw_returned: AtomicBool::new(true),
+    });
+    let dev: Arc<dyn IoDevice> = gate.clone();
+    let (dummy, _) = Probe::new();
+    {
+        let slots = buses.lock_slots();
+        buses
+            .register_dev(&slots, BusKind::Mmio, r(0x100, 4), dev.clone())
+            .unwrap();
+        // Unregistering another device first leaves no deferred free
+        // pending, so below only unregister's own grace period can wait.
+        buses
+            .register_dev(&slots, BusKind::Mmio, r(0x200, 4), dynp(&dummy))
+            .unwrap();
+        buses
+            .unregister_dev(&slots, BusKind::Mmio, &dynp(&dummy))
+            .unwrap();
+    }
+    std::thread::scope(|s| {
+        let vcpu = s.spawn(|| buses.write(BusKind::Mmio, 0x100, &[1]));
+        entered_rx.recv().unwrap(); // the handler runs, in a read section
+        let updater = s.spawn(|| {
+            buses
+                .unregister_dev(&buses.lock_slots(), BusKind::Mmio, &dev)
+                .unwrap();
+            returned.store(true, SeqCst);
+        });
+        // Wait until the new table is published: unregister has begun and
+        // can only be in its grace period now, waiting for the handler.
+        while buses.get_dev(BusKind::Mmio, 0x100).is_some() && !updater.is_finished() {
+            std::thread::yield_now();
+        }
+        let early = returned.load(SeqCst);
+        release_tx.send(()).unwrap(); // before asserting: never hang
+        assert_eq!(vcpu.join().unwrap(), Ok(()));
+        updater.join().unwrap();
+        assert!(!early, "unregister returned while a handler ran");
+    });
+    assert!(!gate.saw_returned.load(SeqCst));
+    assert!(returned.load(SeqCst));
+    assert_eq!(Arc::strong_count(&dev), 2); // `dev` and `gate`
+}
+
+#[test]
+fn unregister_waits_for_handler_classic() {
+    unregister_waits_for_handler(Buses::new());
+}
+
+#[test]
+fn unregister_waits_for_handler_fast() {
+    unregister_waits_for_handler(Buses::new_fast());
+}
