@@ -180,7 +180,7 @@ pub fn for_each_bus(v: &mut impl BusVisitor) {
     v.visit::<MutexBTreeBus>();
 }
 
-/// ns per dispatch on one thread (one batch of `iters`).
+/// Thread-CPU ns per dispatch on one thread (one batch of `iters`).
 #[inline(never)]
 pub fn dispatch_ns<B: DispatchBus>(bus: &B, addr: u64, iters: u64) -> f64 {
     let data = [1u8, 2, 3, 4];
@@ -195,7 +195,7 @@ pub fn dispatch_threads_ns<B: DispatchBus>(
     addr: u64,
     threads: usize,
     dur: std::time::Duration,
-) -> f64 {
+) -> crate::harness::Concurrent {
     let data = [1u8, 2, 3, 4];
     crate::harness::concurrent_for(threads, dur, || {
         black_box(bus.dispatch(black_box(addr), &data));

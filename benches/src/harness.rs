@@ -17,37 +17,115 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
-/// Times `iters` calls of `op` and returns nanoseconds per call.
+/// CPU time consumed by the calling thread so far, in nanoseconds
+/// (`CLOCK_THREAD_CPUTIME_ID`: excludes time the thread was descheduled,
+/// which on a shared machine would otherwise land in random samples).
+pub fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; the clock id is a
+    // constant supported on every Linux since 2.6.12.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Times `iters` calls of `op` on this thread and returns nanoseconds of
+/// this thread's CPU time per call (a single-threaded figure: time the
+/// thread spent descheduled by other tenants is not counted).
 #[inline(never)]
 pub fn ns_per_op(iters: u64, mut op: impl FnMut()) -> f64 {
-    let start = Instant::now();
+    let start = thread_cpu_ns();
     for _ in 0..iters {
         op();
     }
-    start.elapsed().as_nanos() as f64 / iters.max(1) as f64
+    (thread_cpu_ns() - start) as f64 / iters.max(1) as f64
+}
+
+/// Result of [`concurrent_for`].
+#[derive(Clone, Debug)]
+pub struct Concurrent {
+    /// Per-thread ns per operation, measured only over the windows in
+    /// which *every* thread was on a CPU the whole time (so the threads
+    /// really ran at the same time); NaN if there was no such window.
+    pub ns_per_op: f64,
+    /// Mean over threads of each thread's wall-clock ns per operation over
+    /// the whole span (inflated when other tenants deschedule the threads).
+    pub wall_ns_per_op: f64,
+    /// Mean over threads of the fraction of the span the thread was on a
+    /// CPU (1.0 = never descheduled).
+    pub on_cpu: f64,
+    /// Fraction of windows in which all threads ran throughout.
+    pub concurrent_windows: f64,
+    /// Per-thread ns per operation in each counted window (every thread
+    /// on a CPU throughout); `ns_per_op` is their ops-weighted mean.
+    pub window_ns: Vec<f64>,
+}
+
+/// Length of one window of [`concurrent_for`].
+const WINDOW: Duration = Duration::from_micros(100);
+
+/// One thread's record of one window: wall start and end (ns since the
+/// common start), CPU time consumed, operations done.
+#[derive(Clone, Copy)]
+struct Win {
+    start: u64,
+    end: u64,
+    cpu: u64,
+    ops: u64,
 }
 
 /// Runs `op` in `threads` threads concurrently for `dur` (started together
-/// behind a barrier, stopped together by a flag) and returns the mean over
-/// threads of each thread's own nanoseconds per operation.
-pub fn concurrent_for<F: Fn() + Sync>(threads: usize, dur: Duration, op: F) -> f64 {
-    const BATCH: u64 = 256;
+/// behind a barrier, stopped together by a flag).
+///
+/// Each thread cuts its run into ~100 µs windows and records wall time,
+/// its own CPU time (`CLOCK_THREAD_CPUTIME_ID`) and operations per window.
+/// A window counts if its thread was on a CPU throughout (CPU time >= 97%
+/// of wall time) *and* every other thread was on a CPU throughout every
+/// window of its own that overlaps it: then all threads really ran at once
+/// and the window's wall time divided by its operations is the per-thread
+/// cost under concurrency. On a machine shared with other tenants this
+/// discards the time slices in which one of the threads was descheduled
+/// (which would make the figure meaningless: neither contention nor
+/// per-thread cost). The reported figure is the ops-weighted mean over the
+/// counting windows.
+pub fn concurrent_for<F: Fn() + Sync>(threads: usize, dur: Duration, op: F) -> Concurrent {
+    const BATCH: u64 = 64;
     let stop = AtomicBool::new(false);
     let start = Barrier::new(threads + 1);
-    let per_thread: Vec<f64> = std::thread::scope(|s| {
+    let epoch = Instant::now();
+    let per_thread: Vec<(Vec<Win>, f64, f64)> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..threads)
             .map(|_| {
                 s.spawn(|| {
+                    let mut wins = Vec::with_capacity(4096);
                     start.wait();
-                    let t0 = Instant::now();
+                    let (t0, c0) = (Instant::now(), thread_cpu_ns());
+                    let (mut ws, mut wc, mut wo) = (t0, c0, 0u64);
                     let mut ops = 0u64;
                     while !stop.load(Relaxed) {
                         for _ in 0..BATCH {
                             op();
                         }
                         ops += BATCH;
+                        wo += BATCH;
+                        let now = Instant::now();
+                        if now - ws >= WINDOW {
+                            let c = thread_cpu_ns();
+                            wins.push(Win {
+                                start: (ws - epoch).as_nanos() as u64,
+                                end: (now - epoch).as_nanos() as u64,
+                                cpu: c - wc,
+                                ops: wo,
+                            });
+                            (ws, wc, wo) = (Instant::now(), thread_cpu_ns(), 0);
+                        }
                     }
-                    t0.elapsed().as_nanos() as f64 / ops.max(1) as f64
+                    let wall = t0.elapsed().as_nanos() as f64;
+                    let cpu = (thread_cpu_ns() - c0) as f64;
+                    (wins, wall / ops.max(1) as f64, cpu / wall)
                 })
             })
             .collect();
@@ -56,7 +134,55 @@ pub fn concurrent_for<F: Fn() + Sync>(threads: usize, dur: Duration, op: F) -> f
         stop.store(true, Relaxed);
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    per_thread.iter().sum::<f64>() / per_thread.len() as f64
+    let full = |w: &Win| w.cpu as f64 >= 0.97 * (w.end - w.start) as f64;
+    let (mut wall_sum, mut ops_sum, mut counted, mut total) = (0u64, 0u64, 0usize, 0usize);
+    let mut window_ns = Vec::new();
+    for (i, (wins, _, _)) in per_thread.iter().enumerate() {
+        for w in wins {
+            total += 1;
+            if !full(w) {
+                continue;
+            }
+            let others_ran = per_thread.iter().enumerate().all(|(j, (other, _, _))| {
+                j == i || {
+                    // Windows of thread j overlapping [w.start, w.end]:
+                    // all full, and together they cover it.
+                    let first = other.partition_point(|o| o.end <= w.start);
+                    let mut covered_to = w.start;
+                    for o in &other[first..] {
+                        if o.start >= w.end {
+                            break;
+                        }
+                        // Gaps between j's windows are tiny (a clock read);
+                        // treat a window that starts within 2 µs as adjacent.
+                        if !full(o) || o.start > covered_to + 2_000 {
+                            return false;
+                        }
+                        covered_to = covered_to.max(o.end);
+                    }
+                    covered_to >= w.end
+                }
+            });
+            if others_ran {
+                counted += 1;
+                window_ns.push((w.end - w.start) as f64 / w.ops.max(1) as f64);
+                wall_sum += w.end - w.start;
+                ops_sum += w.ops;
+            }
+        }
+    }
+    let n = per_thread.len() as f64;
+    Concurrent {
+        ns_per_op: if ops_sum > 0 {
+            wall_sum as f64 / ops_sum as f64
+        } else {
+            f64::NAN
+        },
+        wall_ns_per_op: per_thread.iter().map(|p| p.1).sum::<f64>() / n,
+        on_cpu: per_thread.iter().map(|p| p.2).sum::<f64>() / n,
+        concurrent_windows: counted as f64 / total.max(1) as f64,
+        window_ns,
+    }
 }
 
 /// Runs `iters` calls of `op` in each of `threads` threads at once and

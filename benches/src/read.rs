@@ -256,7 +256,7 @@ pub fn run_op<P: ReadPeer>(peer: &P, op: ReadOp) {
     }
 }
 
-/// ns per `op` on one thread, one batch of `iters`.
+/// Thread-CPU ns per `op` on one thread, one batch of `iters`.
 #[inline(never)]
 pub fn one_thread_ns<P: ReadPeer>(peer: &P, op: ReadOp, iters: u64) -> f64 {
     match op {
@@ -267,14 +267,14 @@ pub fn one_thread_ns<P: ReadPeer>(peer: &P, op: ReadOp, iters: u64) -> f64 {
     }
 }
 
-/// Per-thread ns per `op` with `threads` threads on the same peer for
-/// `dur`.
+/// Per-thread wall-clock ns per `op` with `threads` threads on the same
+/// peer for `dur`, and how much of it they were on a CPU.
 pub fn threads_ns<P: ReadPeer>(
     peer: &P,
     op: ReadOp,
     threads: usize,
     dur: std::time::Duration,
-) -> f64 {
+) -> crate::harness::Concurrent {
     match op {
         ReadOp::LockUnlock => crate::harness::concurrent_for(threads, dur, || peer.lock_unlock()),
         ReadOp::LockDerefUnlock => crate::harness::concurrent_for(threads, dur, || {

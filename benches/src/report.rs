@@ -4,7 +4,7 @@
 
 use crate::bus::{self, BusVisitor, DispatchBus, RegisterMode, Startup};
 use crate::grace;
-use crate::harness::Stats;
+use crate::harness::{Concurrent, Stats};
 use crate::read::{self, ReadOp, ReadPeer, ReadVisitor};
 use srcu::{Classic, Fast, Srcu};
 use std::collections::BTreeMap;
@@ -24,6 +24,12 @@ pub struct Config {
     pub read2_reps: usize,
     /// Duration of one 2-thread sample.
     pub read2_dur: Duration,
+    /// 2-thread rows (read and dispatch) keep running spans until they
+    /// have this many windows with both threads on a CPU...
+    pub min_windows: usize,
+    /// ... or this many spans (per read row over all rounds, or per
+    /// dispatch row).
+    pub max_spans: usize,
     /// Samples of idle grace periods.
     pub gp_idle_reps: usize,
     /// Samples of grace periods under load.
@@ -72,7 +78,9 @@ impl Config {
             read_reps: 11,
             read_iters: 100_000,
             read2_reps: 3,
-            read2_dur: Duration::from_millis(20),
+            read2_dur: Duration::from_millis(50),
+            min_windows: 300,
+            max_spans: 12,
             gp_idle_reps: 301,
             gp_busy_reps: 101,
             gp_long_reps: 21,
@@ -81,8 +89,8 @@ impl Config {
             call_srcu_reps: 3,
             dispatch_reps: 21,
             dispatch_iters: 50_000,
-            dispatch2_reps: 7,
-            dispatch2_dur: Duration::from_millis(20),
+            dispatch2_reps: 4,
+            dispatch2_dur: Duration::from_millis(50),
             sizes: bus::SIZES.to_vec(),
             register_reps: 201,
             unregister_reps: 51,
@@ -102,7 +110,9 @@ impl Config {
             read_reps: 21,
             read_iters: 200_000,
             read2_reps: 5,
-            read2_dur: Duration::from_millis(50),
+            read2_dur: Duration::from_millis(100),
+            min_windows: 1000,
+            max_spans: 30,
             gp_idle_reps: 1001,
             gp_busy_reps: 301,
             gp_long_reps: 51,
@@ -111,7 +121,7 @@ impl Config {
             dispatch_reps: 51,
             dispatch_iters: 100_000,
             dispatch2_reps: 15,
-            dispatch2_dur: Duration::from_millis(50),
+            dispatch2_dur: Duration::from_millis(100),
             register_reps: 1001,
             unregister_reps: 201,
             kernel_ioeventfd_n: 50,
@@ -131,6 +141,8 @@ impl Config {
             read_iters: 100,
             read2_reps: 1,
             read2_dur: Duration::from_millis(2),
+            min_windows: 0,
+            max_spans: 1,
             gp_idle_reps: 3,
             gp_busy_reps: 3,
             gp_long_reps: 1,
@@ -240,10 +252,13 @@ fn fmt_ns(ns: f64) -> String {
     }
 }
 
+/// (peer, op) -> (visit order, ns samples, 2-thread details).
+type ReadSamples = BTreeMap<(&'static str, &'static str), (usize, Vec<f64>, Vec<Concurrent>)>;
+
 struct ReadCollect<'a> {
     cfg: &'a Config,
-    one: &'a mut BTreeMap<(&'static str, &'static str), (usize, Vec<f64>)>,
-    two: &'a mut BTreeMap<(&'static str, &'static str), (usize, Vec<f64>)>,
+    one: &'a mut ReadSamples,
+    two: &'a mut ReadSamples,
     order: &'a mut Vec<(&'static str, &'static str)>,
     order_index: usize,
 }
@@ -257,22 +272,47 @@ impl ReadVisitor for ReadCollect<'_> {
         for op in ReadOp::ALL {
             // Warm-up (thread-local registration of crossbeam, rseq, caches).
             read::one_thread_ns(peer, op, self.cfg.read_iters / 10 + 1);
-            let e = self
-                .one
-                .entry((P::KEY, op.name()))
-                .or_insert((self.order_index, vec![]));
+            let e =
+                self.one
+                    .entry((P::KEY, op.name()))
+                    .or_insert((self.order_index, vec![], vec![]));
             for _ in 0..self.cfg.read_reps {
                 e.1.push(read::one_thread_ns(peer, op, self.cfg.read_iters));
             }
-            let e = self
-                .two
-                .entry((P::KEY, op.name()))
-                .or_insert((self.order_index, vec![]));
-            for _ in 0..self.cfg.read2_reps {
-                e.1.push(read::threads_ns(peer, op, 2, self.cfg.read2_dur));
+            let e =
+                self.two
+                    .entry((P::KEY, op.name()))
+                    .or_insert((self.order_index, vec![], vec![]));
+            let want = e.1.len() + self.cfg.min_windows / self.cfg.read_rounds.max(1);
+            let max_spans = (self.cfg.max_spans / self.cfg.read_rounds.max(1)).max(1);
+            let mut spans = 0;
+            while spans < self.cfg.read2_reps || (e.1.len() < want && spans < max_spans) {
+                let c = read::threads_ns(peer, op, 2, self.cfg.read2_dur);
+                e.1.extend_from_slice(&c.window_ns);
+                e.2.push(c);
+                spans += 1;
             }
         }
     }
+}
+
+fn median_of(v: impl Iterator<Item = f64>) -> f64 {
+    Stats {
+        samples: v.collect(),
+    }
+    .median()
+}
+
+/// The note of a 2-thread row: how concurrent the run really was.
+fn concurrent_note(cs: &[Concurrent]) -> String {
+    format!(
+        "{} spans; both threads on CPU in {:.0}% of windows (on CPU {:.0}% of the span); \
+         whole-span wall-clock figure {}",
+        cs.len(),
+        100.0 * median_of(cs.iter().map(|c| c.concurrent_windows)),
+        100.0 * median_of(cs.iter().map(|c| c.on_cpu)),
+        fmt_ns(median_of(cs.iter().map(|c| c.wall_ns_per_op)))
+    )
 }
 
 fn run_read(cfg: &Config, rep: &mut Report) {
@@ -321,6 +361,14 @@ fn run_read(cfg: &Config, rep: &mut Report) {
                     &stats,
                     Some(base),
                 );
+                let cs = &map[&(*key, op.name())].2;
+                if !cs.is_empty() {
+                    rep.note(concurrent_note(cs));
+                    rep.values.insert(
+                        json.replace("_ns", "_wall_ns"),
+                        median_of(cs.iter().map(|c| c.wall_ns_per_op)),
+                    );
+                }
             }
         }
     }
@@ -481,17 +529,44 @@ impl BusVisitor for DispatchCollect<'_> {
         let one = Stats::collect(cfg.dispatch_reps, || {
             bus::dispatch_ns(&bus, addr, cfg.dispatch_iters)
         });
-        let two = Stats::collect(cfg.dispatch2_reps, || {
-            bus::dispatch_threads_ns(&bus, addr, 2, cfg.dispatch2_dur)
-        });
+        let mut cs: Vec<Concurrent> = Vec::new();
+        let mut windows = 0;
+        while cs.len() < cfg.dispatch2_reps
+            || (windows < cfg.min_windows && cs.len() < cfg.max_spans)
+        {
+            let c = bus::dispatch_threads_ns(&bus, addr, 2, cfg.dispatch2_dur);
+            windows += c.window_ns.len();
+            cs.push(c);
+        }
+        let two = Stats {
+            samples: cs
+                .iter()
+                .flat_map(|c| c.window_ns.iter().copied())
+                .collect(),
+        };
         let n = self.n;
         if B::KEY == "srcu" {
             self.base1 = one.median();
             self.base2 = two.median();
         }
-        for (stats, rows, base, sfx, t) in [
-            (&one, &mut self.rows1, self.base1, "", "1 thread"),
-            (&two, &mut self.rows2, self.base2, "_2t", "2 threads"),
+        let cpu_note = concurrent_note(&cs);
+        for (stats, rows, base, sfx, t, note) in [
+            (
+                &one,
+                &mut self.rows1,
+                self.base1,
+                "",
+                "1 thread",
+                String::new(),
+            ),
+            (
+                &two,
+                &mut self.rows2,
+                self.base2,
+                "_2t",
+                "2 threads",
+                cpu_note,
+            ),
         ] {
             let key = format!("dispatch{n}_{}{sfx}_ns", B::KEY);
             self.rep.values.insert(key.clone(), stats.median());
@@ -503,7 +578,7 @@ impl BusVisitor for DispatchCollect<'_> {
                 reps: stats.reps(),
                 min_max: stats.min_max(),
                 baseline: Some(base),
-                note: String::new(),
+                note,
             });
         }
     }
@@ -908,9 +983,9 @@ pub const TARGETS: &[Target] = &[
 /// Evaluates one target: `Some((pass, measured ratio or value))`, or
 /// `None` if a key is missing (e.g. no `/dev/kvm`).
 pub fn evaluate(rep: &Report, t: &Target) -> Option<(bool, f64)> {
-    let l = rep.get(t.lhs)?;
+    let l = rep.get(t.lhs).filter(|v| v.is_finite())?;
     let (v, bound) = match t.rhs {
-        Some(r) => (l / rep.get(r)?, t.factor),
+        Some(r) => (l / rep.get(r).filter(|v| v.is_finite())?, t.factor),
         None => (l, t.factor),
     };
     Some((if t.at_least { v >= bound } else { v <= bound }, v))
@@ -925,10 +1000,15 @@ impl Report {
         }
         let _ = writeln!(
             s,
-            "\nEach figure is the median of `reps` samples; a sample of a sub-microsecond \
-             operation is the mean over a timed batch (1 thread) or over a fixed wall-clock \
-             span with both threads running at once (2 threads; per-thread cost). \
-             \"x srcu\" is this row divided by the srcu row of the same comparison.\n"
+            "\nEach figure is the median of `reps` samples. A 1-thread sample of a \
+             sub-microsecond operation is the thread-CPU time of a batch divided by its \
+             length (time descheduled by other tenants excluded); a 2-thread sample is the \
+             a ~100 µs window of one thread, out of fixed spans run by both threads at \
+             once, in which both threads were on a CPU throughout: its wall-clock time divided \
+             by that thread's operations in it (per-thread cost while they really run at once; \
+             `reps` counts such windows; windows in which another tenant descheduled either \
+             thread are left out, and the note gives the whole-span figure). Everything else is wall-clock time per \
+             call. \"x srcu\" is this row divided by the srcu row of the same comparison.\n"
         );
         let mut group = "";
         for r in &self.rows {
@@ -985,7 +1065,10 @@ impl Report {
                     },
                     if pass { "PASS" } else { "MISS" },
                 ),
-                None => ("n/a".into(), "not measured"),
+                None => (
+                    "n/a".into(),
+                    "not measured (no /dev/kvm, or no window with both threads on a CPU)",
+                ),
             };
             let _ = writeln!(s, "| {text} | {m} | {res} |");
         }
