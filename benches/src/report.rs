@@ -1008,7 +1008,7 @@ impl Report {
             s,
             "\nEach figure is the median of `reps` samples. A 1-thread sample of a \
              sub-microsecond operation is the thread-CPU time of a batch divided by its \
-             length (time descheduled by other tenants excluded); a 2-thread sample is the \
+             length (time descheduled by other tenants excluded); a 2-thread sample is \
              a ~100 µs window of one thread, out of fixed spans run by both threads at \
              once, in which both threads were on a CPU throughout: its wall-clock time divided \
              by that thread's operations in it (per-thread cost while they really run at once; \
