@@ -7,8 +7,9 @@ use crate::error::BusError;
 use crate::kind::BusKind;
 use crate::range::IoRange;
 use crate::MAX_IO_BUS_DEVICES;
+use core::cell::RefCell;
 use core::fmt;
-use core::sync::atomic::{fence, AtomicBool, Ordering};
+use core::sync::atomic::{fence, Ordering};
 use srcu::{Classic, Fast, Flavor, ReadGuard, Srcu, SrcuCell, UpdateGuard, UpdateLock};
 use std::sync::Arc;
 
@@ -29,13 +30,22 @@ use std::sync::Arc;
 /// See the [crate documentation](crate) for the guarantees.
 pub struct Buses<F: Flavor = Classic> {
     cells: [SrcuCell<IoBus>; 3],
-    slots: UpdateLock<()>,
-    /// Set (under the slots lock) when an old bus was handed to
-    /// `call_srcu`: the next unregister must wait for those frees too, so
-    /// that no stale bus still holds the device when it returns.
-    deferred_frees: AtomicBool,
+    slots: UpdateLock<Registry>,
     max_devices: usize,
     srcu: Srcu<F>,
+}
+
+/// The strong counts of the devices on the buses, one per table entry,
+/// per bus; guarded by the slots lock. Tables hold non-owning copies (see
+/// `bus.rs`), so this is what keeps devices alive; a device's counts are
+/// dropped by `unregister_many` only after the grace period that follows
+/// the unpublish of the last table that contained it, and by `take_devices`
+/// / drop of the `Buses` (exclusive access: no reader).
+#[derive(Default)]
+struct Registry {
+    /// `RefCell`: mutated through `&SlotsGuard`. The guard is `!Sync`
+    /// (this field makes it so), so only the lock holder's thread touches it.
+    owned: RefCell<[Vec<Arc<dyn IoDevice>>; 3]>,
 }
 
 /// Proof that the slots lock of one [`Buses`] is held; from
@@ -46,7 +56,7 @@ pub struct Buses<F: Flavor = Classic> {
 /// panics.
 #[must_use = "the slots lock is released when the guard is dropped"]
 pub struct SlotsGuard<'a> {
-    guard: UpdateGuard<'a, ()>,
+    guard: UpdateGuard<'a, Registry>,
     owner: usize,
 }
 
@@ -111,12 +121,11 @@ impl<F: Flavor> Buses<F> {
     /// assert_eq!(buses.max_devices(), 16);
     /// ```
     pub fn with_srcu(srcu: Srcu<F>, max_devices: usize) -> Self {
-        let slots = UpdateLock::new(());
+        let slots = UpdateLock::new(Registry::default());
         let cells = BusKind::ALL.map(|_| SrcuCell::new(&srcu, &slots, Some(IoBus::empty())));
         Buses {
             cells,
             slots,
-            deferred_frees: AtomicBool::new(false),
             max_devices,
             srcu,
         }
@@ -170,7 +179,7 @@ impl<F: Flavor> Buses<F> {
     }
 
     fn owner_id(&self) -> usize {
-        &self.slots as *const UpdateLock<()> as usize
+        &self.slots as *const UpdateLock<Registry> as usize
     }
 
     #[inline]
@@ -238,22 +247,56 @@ impl<F: Flavor> Buses<F> {
 
     /// The bus with exclusive access, for teardown (Linux
     /// `kvm_get_bus_for_destruction`): `&mut self` proves that no reader
-    /// and no updater is using the buses.
-    ///
-    /// Old buses of earlier registrations may still be waiting for their
-    /// deferred free; [`Srcu::barrier`] on [`srcu()`](Buses::srcu) waits
-    /// for them.
+    /// and no updater is using the buses, so this needs neither a guard nor
+    /// a barrier. It hands out a shared reference: tables must stay inside
+    /// their `Buses` (their device pointers are backed by its registry).
     ///
     /// ```
     /// let mut buses = kvm_bus::Buses::new();
-    /// let devices = buses.get_bus_for_destruction(kvm_bus::BusKind::Pio).take_devices();
-    /// assert!(devices.is_empty());
+    /// assert!(buses.get_bus_for_destruction(kvm_bus::BusKind::Pio).is_empty());
     /// ```
-    pub fn get_bus_for_destruction(&mut self, kind: BusKind) -> &mut IoBus {
+    pub fn get_bus_for_destruction(&mut self, kind: BusKind) -> &IoBus {
         match self.cells[kind.index()].get_mut() {
             Some(bus) => bus,
             None => empty_cell(),
         }
+    }
+
+    /// Teardown: empties bus `kind` and returns its entries, in table
+    /// order, with the strong counts the buses held for them. Exclusive
+    /// access (`&mut self`) proves no reader can still dispatch to them.
+    ///
+    /// ```
+    /// use kvm_bus::{Buses, BusKind, Declined, IoDevice, IoRange};
+    /// use std::sync::Arc;
+    /// struct Sink;
+    /// impl IoDevice for Sink {
+    ///     fn read(&self, _: u64, _: &mut [u8]) -> Result<(), Declined> { Err(Declined) }
+    ///     fn write(&self, _: u64, _: &[u8]) -> Result<(), Declined> { Ok(()) }
+    /// }
+    /// let mut buses = Buses::new();
+    /// let dev: Arc<dyn IoDevice> = Arc::new(Sink);
+    /// buses.register_dev(&buses.lock_slots(), BusKind::Pio, IoRange::new(0x70, 2)?, dev.clone())?;
+    /// let devs = buses.take_devices(BusKind::Pio);
+    /// assert_eq!(devs.len(), 1);
+    /// assert!(buses.get_bus_for_destruction(BusKind::Pio).is_empty());
+    /// drop(devs);
+    /// assert_eq!(Arc::strong_count(&dev), 1); // the buses kept nothing
+    /// # Ok::<(), kvm_bus::BusError>(())
+    /// ```
+    pub fn take_devices(&mut self, kind: BusKind) -> Vec<(IoRange, Arc<dyn IoDevice>)> {
+        let devices: Vec<_> = self
+            .get_bus_for_destruction(kind)
+            .iter()
+            .map(|(range, dev)| (range, dev.clone()))
+            .collect();
+        let guard = self.slots.lock();
+        let empty = self.cells[kind.index()].replace(Some(IoBus::empty()), &guard);
+        // No reader exists (`&mut self`): the old table can go at once, and
+        // so can the registry's counts (the clones above now own the devices).
+        drop(empty.map(srcu::Stale::synchronize));
+        guard.owned.borrow_mut()[kind.index()].clear();
+        devices
     }
 
     /// Dispatches a read (Linux `kvm_io_bus_read`): enters a read section,
@@ -480,7 +523,13 @@ impl<F: Flavor> Buses<F> {
             Some(n) if n <= self.max_devices => {}
             _ => return Err(full),
         }
-        let new_bus = bus.with_added(new);
+        let mut new = new;
+        // SAFETY: the counts of `new` move into the registry right below,
+        // under the same slots lock, and stay there until unregistration
+        // has waited for a grace period after this table (and any later one
+        // holding the device) was unpublished.
+        let new_bus = unsafe { bus.with_added(&mut new) };
+        slots.guard.owned.borrow_mut()[kind.index()].extend(new.into_iter().map(|(_, d)| d));
         let old = self.cells[kind.index()].assign(new_bus, &slots.guard);
         // Writer half of the observation guarantee: orders the publish
         // before every store this thread makes after returning (a flag, a
@@ -488,10 +537,8 @@ impl<F: Flavor> Buses<F> {
         // `get_bus_srcu` (`mb_after_read_lock`, or B of a classic
         // `read_lock`). Free on x86_64 after the locked swap of `assign`.
         fence(Ordering::SeqCst);
-        if old.is_some() {
-            self.deferred_frees.store(true, Ordering::Relaxed);
-        }
-        drop(old); // freed by call_srcu: no grace-period wait here
+        drop(old); // the table's memory, freed by call_srcu: no wait here
+
         Ok(())
     }
 
@@ -545,9 +592,9 @@ impl<F: Flavor> Buses<F> {
     /// of it (the kernel waits one per device). All or nothing. An empty
     /// batch changes nothing and does not wait.
     ///
-    /// If older tables from earlier registrations are still awaiting
-    /// their deferred free, this also waits for those ([`Srcu::barrier`]),
-    /// which may cost a second grace period.
+    /// Afterwards the buses hold no reference to any of `devs`: older
+    /// tables still queued for their deferred free hold only non-owning
+    /// pointers, and no reader can reach them any more.
     ///
     /// # Errors
     ///
@@ -597,14 +644,16 @@ impl<F: Flavor> Buses<F> {
         if gone.iter().any(|g| present.binary_search(g).is_err()) {
             return Err(BusError::NotRegistered { kind });
         }
-        let new_bus = bus.without(|d| gone.binary_search(&dev_addr(d)).is_ok());
+        let is_gone = |d: &Arc<dyn IoDevice>| gone.binary_search(&dev_addr(d)).is_ok();
+        let new_bus = bus.without(is_gone);
         let old = self.cells[kind.index()].assign(new_bus, &slots.guard);
-        if let Some(old) = old {
-            drop(old.synchronize());
-        }
-        if self.deferred_frees.swap(false, Ordering::Relaxed) {
-            self.srcu.barrier();
-        }
+        // One grace period: every table that holds `devs` (this one and
+        // older ones still queued for their deferred free) was unpublished
+        // before it began, so afterwards no reader can reach them...
+        drop(old.map(srcu::Stale::synchronize));
+        // ...and the registry may let go of the devices. (The queued old
+        // tables only hold non-owning pointers they never follow again.)
+        slots.guard.owned.borrow_mut()[kind.index()].retain(|d| !is_gone(d));
         Ok(())
     }
 }

@@ -52,7 +52,8 @@
 //! use kvm_bus::{Buses, BusKind};
 //! let mut buses = Buses::new();
 //! for kind in BusKind::ALL {
-//!     let devices = buses.get_bus_for_destruction(kind).take_devices();
+//!     assert!(buses.get_bus_for_destruction(kind).is_empty());
+//!     let devices = buses.take_devices(kind); // and the counts the bus held
 //!     assert!(devices.is_empty());
 //! }
 //! ```
