@@ -650,7 +650,9 @@ impl<F: Flavor> Buses<F> {
         // One grace period: every table that holds `devs` (this one and
         // older ones still queued for their deferred free) was unpublished
         // before it began, so afterwards no reader can reach them...
-        drop(old.map(srcu::Stale::synchronize));
+        // Expedited, as Linux's kvm_io_bus_unregister_dev: the caller is
+        // waiting (hot-unplug, VM reset), not a background reclaimer.
+        drop(old.map(srcu::Stale::synchronize_expedited));
         // ...and the registry may let go of the devices. (The queued old
         // tables only hold non-owning pointers they never follow again.)
         slots.guard.owned.borrow_mut()[kind.index()].retain(|d| !is_gone(d));

@@ -249,6 +249,20 @@ impl<T: Send + 'static> Stale<T> {
             .expect("Stale always holds a value until consumed")
     }
 
+    /// Like [`synchronize`](Stale::synchronize), with an expedited grace
+    /// period ([`Srcu::synchronize_expedited`]): lowest latency, may spin.
+    ///
+    /// # Panics
+    ///
+    /// As [`synchronize`](Stale::synchronize).
+    pub fn synchronize_expedited(mut self) -> Box<T> {
+        crate::held::assert_not_reading(self.domain.id(), "Stale::synchronize_expedited");
+        self.domain.synchronize_expedited_inner();
+        self.value
+            .take()
+            .expect("Stale always holds a value until consumed")
+    }
+
     /// Frees the value after a grace period without waiting (same as drop).
     pub fn defer_free(self) {}
 }

@@ -141,6 +141,18 @@ impl Inner {
         }
     }
 
+    /// An expedited grace period: drivers spin and yield instead of
+    /// sleeping while this waits.
+    pub(crate) fn synchronize_expedited_inner(&self) {
+        let target = {
+            let mut st = self.gp.state.lock();
+            st.expedite += 1;
+            GracePeriods::request(&mut st)
+        };
+        self.wait_for_gp(target);
+        self.gp.state.lock().expedite -= 1;
+    }
+
     /// Requests a grace period starting after now and returns its number.
     pub(crate) fn request_gp(&self) -> u64 {
         let mut st = self.gp.state.lock();
@@ -270,12 +282,7 @@ impl<F: Flavor> Srcu<F> {
     /// As [`synchronize`](Srcu::synchronize).
     pub fn synchronize_expedited(&self) {
         crate::held::assert_not_reading(self.inner.id(), "synchronize_expedited");
-        let target = self.inner.request_gp();
-        let mut st = self.inner.gp.state.lock();
-        st.expedite += 1;
-        drop(st);
-        self.inner.wait_for_gp(target);
-        self.inner.gp.state.lock().expedite -= 1;
+        self.inner.synchronize_expedited_inner();
     }
 
     /// Starts a grace period (if none that would do is pending) without
