@@ -8,7 +8,9 @@
 //! one grace period retires everything queued during the previous one.
 //!
 //! `call_srcu` never waits for a grace period: it takes the queue mutex
-//! (held only for a push or a swap), and wakes the worker only if it sleeps.
+//! (held only for a push or a swap), and wakes the worker only if it is
+//! idle; after a batch the worker naps (`NAP`) and collects what arrives
+//! meanwhile without being woken.
 //! The worker also drives grace periods requested through `start_poll`.
 //!
 //! When the domain's handle is dropped, the worker drains the queue (one
@@ -41,11 +43,15 @@ struct State {
 }
 
 /// How long the worker keeps collecting callbacks after a batch before it
-/// goes to sleep for good. Frees are delayed by at most this much; in
-/// exchange a burst of `call_srcu` (registering 200 devices at VM start-up)
-/// wakes the worker once, not 200 times.
+/// goes to sleep for good (like the jiffies of delay Linux gives
+/// non-expedited SRCU callbacks). Frees are delayed by at most this much; in
+/// exchange `call_srcu` wakes the worker once per quiet spell, not once per
+/// call. A wake-up is a futex call plus, when the worker's CPU is busy
+/// running a vCPU, a reschedule IPI: in the demo VM this took `register_dev`
+/// from 7.5 µs to 150 ns (median) with one device plugged every ~1.5 ms.
+/// `barrier`, `start_poll` and dropping the domain cut the nap short.
 #[cfg(not(loom))]
-const NAP: std::time::Duration = std::time::Duration::from_micros(500);
+const NAP: std::time::Duration = std::time::Duration::from_millis(5);
 
 pub(crate) struct Callbacks {
     state: Mutex<State>,

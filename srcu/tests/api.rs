@@ -462,3 +462,23 @@ fn domain_and_guard_are_send_sync() {
     send_sync::<SrcuCell<String>>();
     send_sync::<UpdateLock<u32>>();
 }
+
+#[test]
+fn call_srcu_runs_without_anyone_waiting() {
+    // Nobody calls barrier: the worker must get to the callbacks by itself,
+    // both when it was idle (woken) and while it naps after a batch.
+    let s = Srcu::new();
+    for round in 0..3 {
+        let ran = Arc::new(AtomicBool::new(false));
+        let r = ran.clone();
+        s.call_srcu(move || r.store(true, SeqCst));
+        let t = std::time::Instant::now();
+        while !ran.load(SeqCst) {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "round {round}: callback never ran"
+            );
+            std::thread::yield_now();
+        }
+    }
+}
