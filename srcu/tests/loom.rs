@@ -73,7 +73,7 @@ fn world() -> Arc<World> {
 fn model(f: impl Fn() + Sync + Send + 'static) {
     let mut b = loom::model::Builder::new();
     if b.preemption_bound.is_none() {
-        b.preemption_bound = Some(3);
+        b.preemption_bound = Some(5);
     }
     b.check(f);
 }
