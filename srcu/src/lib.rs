@@ -93,6 +93,11 @@ pub use guard::ReadGuard;
 pub use stall::StallReport;
 pub use update::{UpdateGuard, UpdateLock};
 
+/// The README's example, compiled and run as a doc test.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 #[doc(hidden)]
 pub mod __private {
     //! For the crate's own litmus and teeth tests only; not a stable API.
