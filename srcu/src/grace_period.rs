@@ -57,6 +57,9 @@ struct State {
     driving: bool,
     /// Waiters that asked for an expedited grace period.
     expedite: u32,
+    /// Callers blocked waiting for somebody else's grace period (for
+    /// diagnostics and tests).
+    waiting: u32,
 }
 
 pub(crate) struct GracePeriods {
@@ -76,6 +79,7 @@ impl GracePeriods {
                 requested: 0,
                 driving: false,
                 expedite: 0,
+                waiting: 0,
             }),
             done: Condvar::new(),
             completed: AtomicU64::new(0),
@@ -137,8 +141,17 @@ impl Inner {
                 self.drive(st);
                 return;
             }
+            st.waiting += 1;
             gp.done.wait(&mut st);
+            st.waiting -= 1;
         }
+    }
+
+    /// Callers blocked on another caller's grace period, and whether a
+    /// grace period is being driven.
+    pub(crate) fn waiters(&self) -> (u32, bool) {
+        let st = self.gp.state.lock();
+        (st.waiting, st.driving)
     }
 
     /// An expedited grace period: drivers spin and yield instead of

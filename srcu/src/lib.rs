@@ -113,6 +113,12 @@ pub mod __private {
         srcu.inner.idx.load(core::sync::atomic::Ordering::Relaxed) & 1
     }
 
+    /// Callers blocked on another caller's grace period, and whether one
+    /// is being driven.
+    pub fn waiters<F: Flavor>(srcu: &Srcu<F>) -> (u32, bool) {
+        srcu.inner.waiters()
+    }
+
     /// True if both indices are balanced (no lost increment).
     pub fn balanced<F: Flavor>(srcu: &Srcu<F>) -> bool {
         srcu.readers() == 0
