@@ -44,15 +44,7 @@ pub fn synchronize_busy<F: Flavor>(
         || {
             // Let the readers get going before the first sample.
             std::thread::sleep(Duration::from_millis(1));
-            Stats::collect(reps, || {
-                time_ns(|| {
-                    if expedited {
-                        srcu.synchronize_expedited()
-                    } else {
-                        srcu.synchronize()
-                    }
-                })
-            })
+            sample_synchronize(srcu, reps, expedited)
         },
     )
 }
@@ -77,15 +69,7 @@ pub fn synchronize_long_section<F: Flavor>(
         },
         || {
             std::thread::sleep(section / 2);
-            Stats::collect(reps, || {
-                time_ns(|| {
-                    if expedited {
-                        srcu.synchronize_expedited()
-                    } else {
-                        srcu.synchronize()
-                    }
-                })
-            })
+            sample_synchronize(srcu, reps, expedited)
         },
     )
     .0
@@ -125,4 +109,17 @@ pub fn call_srcu_burst<F: Flavor>(srcu: &Srcu<F>, n: u64) -> CallSrcu {
         retire_ns: all.as_nanos() as f64 / n as f64,
         per_gp: n as f64 / gps.max(1) as f64,
     }
+}
+
+/// `reps` timed calls of `synchronize` (or `synchronize_expedited`).
+fn sample_synchronize<F: Flavor>(srcu: &Srcu<F>, reps: usize, expedited: bool) -> Stats {
+    Stats::collect(reps, || {
+        time_ns(|| {
+            if expedited {
+                srcu.synchronize_expedited()
+            } else {
+                srcu.synchronize()
+            }
+        })
+    })
 }

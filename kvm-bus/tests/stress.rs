@@ -95,6 +95,15 @@ fn updater<F: Flavor>(sh: &Shared<F>, me: usize) {
         sh.slots[k].flag.store(0, Relaxed);
         sh.slots[k].removals.fetch_add(1, SeqCst);
     };
+    // Unregisters `d` (slot `k`) and marks it removed once that returned.
+    let remove = |k: usize, d: &Arc<Dev>| {
+        start_removal(k);
+        let dev: Arc<dyn IoDevice> = d.clone();
+        let slots = sh.buses.lock_slots();
+        sh.buses.unregister_dev(&slots, KIND, &dev).unwrap();
+        drop(slots);
+        d.removed.store(true, SeqCst);
+    };
     while !sh.stop.load(Relaxed) {
         round += 1;
         if round % 4 == 0 {
@@ -123,12 +132,7 @@ fn updater<F: Flavor>(sh: &Shared<F>, me: usize) {
         }
         for &k in &mine {
             if let Some(d) = present[k].take() {
-                start_removal(k);
-                let dev: Arc<dyn IoDevice> = d.clone();
-                let slots = sh.buses.lock_slots();
-                sh.buses.unregister_dev(&slots, KIND, &dev).unwrap();
-                drop(slots);
-                d.removed.store(true, SeqCst);
+                remove(k, &d);
                 sh.stats.unregistrations.fetch_add(1, Relaxed);
             } else {
                 next_gen += 1;
@@ -157,13 +161,7 @@ fn updater<F: Flavor>(sh: &Shared<F>, me: usize) {
     // Leave nothing behind; every device must then be ours alone.
     for &k in &mine {
         if let Some(d) = present[k].take() {
-            start_removal(k);
-            let dev: Arc<dyn IoDevice> = d.clone();
-            let slots = sh.buses.lock_slots();
-            sh.buses.unregister_dev(&slots, KIND, &dev).unwrap();
-            drop(slots);
-            d.removed.store(true, SeqCst);
-            drop(dev);
+            remove(k, &d);
             assert_eq!(Arc::strong_count(&d), 1, "buses kept a reference");
         }
     }
