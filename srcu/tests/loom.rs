@@ -28,7 +28,7 @@ struct Shared {
 
 struct Obj(&'static Shared);
 
-// SAFETY (test): every access to the canary goes through loom's UnsafeCell,
+// SAFETY: every access to the canary goes through loom's UnsafeCell,
 // whose whole point is to check that concurrent accesses are ordered.
 unsafe impl Sync for Shared {}
 
@@ -41,7 +41,7 @@ impl Obj {
     }
     /// Reader side: the object must not have been freed.
     fn check(&self) -> u32 {
-        // SAFETY (test): loom checks this read against the poisoning write
+        // SAFETY: loom checks this read against the poisoning write
         // and fails the model if they are not ordered.
         let c = self.0.canary.with(|p| unsafe { *p });
         assert_eq!(c, LIVE, "reader saw a freed object");
@@ -52,7 +52,7 @@ impl Obj {
 impl Drop for Obj {
     /// The free: poison the canary (a write loom orders against readers).
     fn drop(&mut self) {
-        // SAFETY (test): as in `check`.
+        // SAFETY: as in `check`.
         self.0.canary.with_mut(|p| unsafe { *p = POISON });
     }
 }
@@ -157,14 +157,15 @@ fn guard_dropped_on_another_thread() {
         let w = world();
         let w2 = w.clone();
         let r = thread::spawn(move || {
-            // SAFETY (test): `w2` outlives the guard, which is dropped on
+            // SAFETY: `w2` outlives the guard, which is dropped on
             // the spawned thread joined below, before `w2` goes away.
             let srcu: &'static Srcu = unsafe { &*(&w2.srcu as *const Srcu) };
+            // SAFETY: as above, `w2` (which owns the cell) outlives every use.
             let cell: &'static SrcuCell<Obj> = unsafe { &*(&w2.cell as *const SrcuCell<Obj>) };
             let g = srcu.read_lock();
             let obj: &'static Shared = cell.dereference(&g).unwrap().0;
             let t = thread::spawn(move || {
-                // SAFETY (test): as in `Obj::check`.
+                // SAFETY: as in `Obj::check`.
                 assert_eq!(obj.canary.with(|p| unsafe { *p }), LIVE);
                 drop(g);
             });
