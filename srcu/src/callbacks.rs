@@ -151,8 +151,7 @@ fn worker(inner: Arc<Inner>) {
         }
         // The grace period starts after the batch was taken, so it waits
         // for every reader that could see what the callbacks free.
-        let target = inner.request_gp();
-        inner.wait_for_gp(target);
+        inner.synchronize_inner();
         let n = batch.len() as u64;
         for cb in batch {
             run(cb);

@@ -240,13 +240,8 @@ impl<T: Send + 'static> Stale<T> {
     ///
     /// In debug builds, if the calling thread is inside a read section of
     /// the cell's domain.
-    pub fn synchronize(mut self) -> Box<T> {
-        crate::held::assert_not_reading(self.domain.id(), "Stale::synchronize");
-        let target = self.domain.request_gp();
-        self.domain.wait_for_gp(target);
-        self.value
-            .take()
-            .expect("Stale always holds a value until consumed")
+    pub fn synchronize(self) -> Box<T> {
+        self.take_after("Stale::synchronize", Inner::synchronize_inner)
     }
 
     /// Like [`synchronize`](Stale::synchronize), with an expedited grace
@@ -255,9 +250,17 @@ impl<T: Send + 'static> Stale<T> {
     /// # Panics
     ///
     /// As [`synchronize`](Stale::synchronize).
-    pub fn synchronize_expedited(mut self) -> Box<T> {
-        crate::held::assert_not_reading(self.domain.id(), "Stale::synchronize_expedited");
-        self.domain.synchronize_expedited_inner();
+    pub fn synchronize_expedited(self) -> Box<T> {
+        self.take_after(
+            "Stale::synchronize_expedited",
+            Inner::synchronize_expedited_inner,
+        )
+    }
+
+    /// Waits for a grace period with `wait`, then hands the value back.
+    fn take_after(mut self, what: &str, wait: fn(&Inner)) -> Box<T> {
+        crate::held::assert_not_reading(self.domain.id(), what);
+        wait(&self.domain);
         self.value
             .take()
             .expect("Stale always holds a value until consumed")

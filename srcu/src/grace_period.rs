@@ -62,6 +62,14 @@ struct State {
     waiting: u32,
 }
 
+impl State {
+    /// The first grace period that starts after now: the next one if none
+    /// is running, else the one after the running one.
+    fn next_to_start(&self) -> u64 {
+        self.completed + 1 + self.in_progress as u64
+    }
+}
+
 pub(crate) struct GracePeriods {
     state: Mutex<State>,
     done: Condvar,
@@ -93,7 +101,7 @@ impl GracePeriods {
     /// The number of the first grace period that starts after now, recorded
     /// as requested.
     fn request(st: &mut State) -> u64 {
-        let target = st.completed + 1 + st.in_progress as u64;
+        let target = st.next_to_start();
         st.requested = st.requested.max(target);
         target
     }
@@ -164,6 +172,13 @@ impl Inner {
         };
         self.wait_for_gp(target);
         self.gp.state.lock().expedite -= 1;
+    }
+
+    /// Waits for a grace period that starts after now (driving it if
+    /// nobody does): `synchronize`, minus the debug check.
+    pub(crate) fn synchronize_inner(&self) {
+        let target = self.request_gp();
+        self.wait_for_gp(target);
     }
 
     /// Requests a grace period starting after now and returns its number.
@@ -282,8 +297,7 @@ impl<F: Flavor> Srcu<F> {
     /// hang instead, and the stall hook reports it.
     pub fn synchronize(&self) {
         crate::held::assert_not_reading(self.inner.id(), "synchronize");
-        let target = self.inner.request_gp();
-        self.inner.wait_for_gp(target);
+        self.inner.synchronize_inner();
     }
 
     /// Like [`synchronize`](Srcu::synchronize), with the lowest latency: the
@@ -311,7 +325,7 @@ impl<F: Flavor> Srcu<F> {
     /// wait for, without starting one.
     pub fn get_state(&self) -> GpCookie {
         let st = self.inner.gp.state.lock();
-        GpCookie(st.completed + 1 + st.in_progress as u64)
+        GpCookie(st.next_to_start())
     }
 
     /// True once the grace period of `cookie` has completed: every read

@@ -55,10 +55,10 @@ impl<'a, F: Flavor> ReadGuard<'a, F> {
     /// fence (a locked `or` on x86_64, ~5 ns).
     #[inline(always)]
     pub fn mb_after_read_lock(&self) {
+        // A fast domain in fallback mode (no membarrier) executed B in
+        // `read_lock` already, like a classic one.
         if F::FAST && self.srcu.inner.fast {
             crate::barriers::reader_full();
-        } else if F::FAST {
-            // Fast flavor in fallback mode: read_lock executed B already.
         }
     }
 

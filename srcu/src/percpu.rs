@@ -98,10 +98,9 @@ impl Counters {
     /// per-thread hash. Any slot is correct; this only spreads contention.
     #[inline]
     fn atomic_slot(&self) -> &Slot {
-        if let Some(rseq) = self.rseq {
+        if self.rseq.is_some() {
             // Threads whose rseq area works never reach here for
             // rseq-written words; the others use the shared slots.
-            let _ = rseq;
             return &self.slots[self.nr_cpus as usize + thread_hint() % NR_SHARED.max(1)];
         }
         let n = self.slots.len();
