@@ -510,7 +510,7 @@ impl<F: Flavor> Buses<F> {
         devs: impl IntoIterator<Item = (IoRange, Arc<dyn IoDevice>)>,
     ) -> Result<(), BusError> {
         self.check(slots);
-        let new: Vec<_> = devs.into_iter().collect();
+        let mut new: Vec<_> = devs.into_iter().collect();
         if new.is_empty() {
             return Ok(());
         }
@@ -523,7 +523,6 @@ impl<F: Flavor> Buses<F> {
             Some(n) if n <= self.max_devices => {}
             _ => return Err(full),
         }
-        let mut new = new;
         // SAFETY: the counts of `new` move into the registry right below,
         // under the same slots lock, and stay there until unregistration
         // has waited for a grace period after this table (and any later one
@@ -544,10 +543,11 @@ impl<F: Flavor> Buses<F> {
 
     /// Unregisters `dev` (Linux `kvm_io_bus_unregister_dev`): removes
     /// every entry of that device (compared by address, `Arc::ptr_eq`),
-    /// publishes the new table, waits for a grace period, and frees the old
-    /// table, and any older table still awaiting its deferred free, before
-    /// returning. Afterwards no dispatch calls `dev` and the buses hold no
-    /// reference to it.
+    /// publishes the new table, waits for a grace period, frees the old
+    /// table and releases the buses' references to `dev` before returning.
+    /// Afterwards no dispatch calls `dev` and the buses hold no reference to
+    /// it (older tables still queued for their deferred free hold only
+    /// non-owning pointers that nothing follows any more).
     ///
     /// Must not be called from a device handler or inside a read section
     /// of this domain (it would wait for itself; debug builds panic).
