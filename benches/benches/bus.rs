@@ -50,26 +50,14 @@ fn dispatch(c: &mut Criterion) {
 fn registration(c: &mut Criterion) {
     let buses = kvm_bus::Buses::new();
     let mut g = c.benchmark_group("register");
-    g.bench_function("register_dev", |b| {
-        b.iter_custom(|iters| {
-            total(&bus::register_latency(
-                &buses,
-                RegisterMode::Deferred,
-                iters as usize,
-                50,
-            ))
-        })
-    });
-    g.bench_function("register_dev_sync_inside", |b| {
-        b.iter_custom(|iters| {
-            total(&bus::register_latency(
-                &buses,
-                RegisterMode::SyncInside,
-                iters as usize,
-                50,
-            ))
-        })
-    });
+    for (name, mode) in [
+        ("register_dev", RegisterMode::Deferred),
+        ("register_dev_sync_inside", RegisterMode::SyncInside),
+    ] {
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| total(&bus::register_latency(&buses, mode, iters as usize, 50)))
+        });
+    }
     g.bench_function("unregister_dev", |b| {
         b.iter_custom(|iters| total(&bus::unregister_latency(&buses, iters as usize)))
     });
