@@ -7,7 +7,7 @@
 //! | **B** | reader, after the lock increment | the increment before every access of the read section | **A**, **E** |
 //! | **C** | reader, before the unlock increment | every access of the read section before the increment | **A**, **D** |
 //! | **D** | grace period, after the index flip | the flip before the scan of the old index | **C**: a reader whose unlock the scan missed sees the new index at its next `read_lock` |
-//! | **E** | grace period, before the index flip | the scan that found the inactive index drained before the flip | **B** and **C**: a reader that uses the new index cannot have been seen by the earlier scans |
+//! | **E** | grace period, before the index flip | the scan that found the inactive index drained before the flip | **B** and **C**: a reader that uses the new index cannot have been seen by the earlier scans. Always a *local* fence: the flip is only executed after the A of a scan that found the sums equal (a control dependency on those loads), and that A already was the heavy barrier readers pair with; srcutree.c itself calls E redundant. This is what makes an idle fast grace period cost 3 `membarrier` calls (A, D, A) instead of 4. |
 //! | **F** | grace period start | the caller's earlier stores (unpublishing an object) before the first counter scan | **B** (via **A**) |
 //! | **G** | grace period end | the counter scans before everything the caller does after `synchronize` returns (freeing) | **C** |
 //! | **M** | [`crate::ReadGuard::mb_after_read_lock`] | every access before `read_lock`, even a plain load of guest memory, before every access after it | the updater's store that the reader observed (**P**) |
@@ -28,12 +28,20 @@
 //!   every store is a release, so C is free there. A, D, E, F, G are
 //!   `fence(SeqCst)`.
 //! * **Fast**. B and C are compiler barriers only (the asm blocks of the
-//!   per-CPU increment are opaque to the compiler). Their partners A, D and E
+//!   per-CPU increment are opaque to the compiler). Their partners A and D
 //!   become `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`, which makes every
 //!   running thread of the process execute a full barrier, promoting the
 //!   readers' compiler barriers to full barriers at that instant. If
 //!   membarrier is unavailable, a fast domain uses the classic barriers
-//!   (see [`crate::Srcu::reader_mode`]). M is a real full fence.
+//!   (see [`crate::Srcu::reader_mode`]). If `membarrier` fails *after*
+//!   registration (a seccomp filter installed later), the heavy barrier
+//!   falls back to an `mprotect` TLB shootdown, which interrupts the same
+//!   CPUs (see `membarrier.rs`). M is a real full fence.
+//!
+//! Polling for readers does not issue barrier A on every poll: a peek
+//! without it decides whether the real check (with A) is worth making, so
+//! a reader that holds a section for long costs no `membarrier` per poll
+//! (see `grace_period.rs`).
 //!
 //! ## Proving the tests have teeth
 //!
@@ -45,31 +53,35 @@
 use crate::sync::fence;
 use core::sync::atomic::Ordering;
 
-/// Barrier A: between summing the unlock and the lock counters.
+/// Barrier A: between summing the unlock and the lock counters. Returns
+/// true if `membarrier` failed and the fallback barrier ran instead.
 #[inline]
-pub(crate) fn a(heavy: bool) {
+pub(crate) fn a(heavy: bool) -> bool {
     if cfg!(srcu_teeth = "a") {
-        return;
+        return false;
     }
-    gp_full(heavy);
+    gp_full(heavy)
 }
 
-/// Barrier D: after the index flip.
+/// Barrier D: after the index flip. Returns as [`a`].
 #[inline]
-pub(crate) fn d(heavy: bool) {
+pub(crate) fn d(heavy: bool) -> bool {
     if cfg!(srcu_teeth = "d") {
-        return;
+        return false;
     }
-    gp_full(heavy);
+    gp_full(heavy)
 }
 
-/// Barrier E: before the index flip.
+/// Barrier E: before the index flip. A local full fence in both flavors,
+/// never a `membarrier`: see the table above (E rides on the A of the scan
+/// that found the inactive index drained, which is the last barrier the
+/// driver executed).
 #[inline]
-pub(crate) fn e(heavy: bool) {
+pub(crate) fn e() {
     if cfg!(srcu_teeth = "e") {
         return;
     }
-    gp_full(heavy);
+    fence(Ordering::SeqCst);
 }
 
 /// Barriers F and G: grace-period entry and exit. Always a plain full
@@ -80,13 +92,15 @@ pub(crate) fn f_g() {
 }
 
 /// A full barrier on the grace-period side: `membarrier` when readers run
-/// without fences (fast flavor), a `SeqCst` fence otherwise.
+/// without fences (fast flavor), a `SeqCst` fence otherwise. True if the
+/// `membarrier` failed and its fallback ran.
 #[inline]
-fn gp_full(heavy: bool) {
+fn gp_full(heavy: bool) -> bool {
     if heavy {
-        crate::membarrier::heavy_barrier();
+        crate::membarrier::heavy_barrier()
     } else {
         fence(Ordering::SeqCst);
+        false
     }
 }
 

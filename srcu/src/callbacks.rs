@@ -20,6 +20,7 @@
 
 use crate::domain::{Inner, Srcu};
 use crate::flavor::Flavor;
+use crate::stats::Stats;
 use crate::sync::{Arc, Condvar, JoinHandle, Mutex};
 
 type Callback = Box<dyn FnOnce() + Send>;
@@ -32,6 +33,12 @@ struct State {
     queued: u64,
     done: u64,
     worker_started: bool,
+    /// The fork generation the worker was started in (`fork.rs`): in a
+    /// forked child the worker thread does not exist.
+    worker_fork: u64,
+    /// The worker's thread, so that `barrier` from a callback can refuse.
+    #[cfg(not(loom))]
+    worker_thread: Option<std::thread::ThreadId>,
     /// The worker sleeps without a timeout: producers must wake it.
     worker_idle: bool,
     /// The worker naps after a batch (`NAP`): producers need not wake it,
@@ -40,6 +47,13 @@ struct State {
     /// A `barrier` caller waits: do not nap.
     hurry: u32,
     shutdown: bool,
+}
+
+impl State {
+    /// True if a worker thread of this process exists for the queue.
+    fn worker_alive(&self) -> bool {
+        self.worker_started && self.worker_fork == crate::fork::generation()
+    }
 }
 
 /// How long the worker keeps collecting callbacks after a batch before it
@@ -73,13 +87,24 @@ impl Callbacks {
     }
 
     /// Stops the worker after it has run everything queued. Called by the
-    /// handle's `Drop`.
-    pub(crate) fn shutdown(&self, _inner: &Inner) {
+    /// handle's `Drop`. If there is no worker (never started, or this is a
+    /// forked child), the queue is drained here: nothing queued is lost.
+    pub(crate) fn shutdown(&self, inner: &Inner) {
         let mut st = self.state.lock();
         st.shutdown = true;
+        let alive = st.worker_alive();
         self.work.notify_all();
         drop(st);
         let handle = self.worker.lock().take();
+        if !alive {
+            if let Some(h) = handle {
+                // A handle inherited across fork names a thread of the
+                // parent: neither join nor detach it.
+                core::mem::forget(h);
+            }
+            drain_here(inner);
+            return;
+        }
         if let Some(h) = handle {
             #[cfg(not(loom))]
             if h.thread().id() == std::thread::current().id() {
@@ -105,11 +130,34 @@ fn wake_locked(inner: &Arc<Inner>, st: &mut State) {
     if st.shutdown {
         return;
     }
+    if st.worker_started && !st.worker_alive() {
+        // Forked child: the worker stayed in the parent. Start another.
+        st.worker_started = false;
+        st.worker_idle = false;
+        st.worker_napping = false;
+        if let Some(h) = inner.cbs.worker.lock().take() {
+            core::mem::forget(h);
+        }
+    }
     if !st.worker_started {
-        st.worker_started = true;
         let inner2 = inner.clone();
-        let handle = crate::sync::spawn(move || worker(inner2));
-        *inner.cbs.worker.lock() = Some(handle);
+        match crate::sync::spawn(move || worker(inner2)) {
+            Ok(handle) => {
+                st.worker_started = true;
+                st.worker_fork = crate::fork::generation();
+                #[cfg(not(loom))]
+                {
+                    st.worker_thread = Some(handle.thread().id());
+                }
+                Stats::add(&inner.stats.worker_starts, 1);
+                *inner.cbs.worker.lock() = Some(handle);
+            }
+            Err(e) => {
+                // Callbacks stay queued: the next `call_srcu` tries again,
+                // and `barrier` or the domain's drop run them inline.
+                eprintln!("srcu: cannot start the callback worker ({e}); callbacks stay queued");
+            }
+        }
     } else if st.worker_idle || (st.worker_napping && st.hurry > 0) {
         inner.cbs.work.notify_all();
     }
@@ -124,7 +172,7 @@ fn worker(inner: Arc<Inner>) {
             if !st.queue.is_empty() {
                 break core::mem::take(&mut st.queue);
             }
-            if inner.gp.needs_driver() {
+            if inner.gp.wanted().is_some() {
                 break Vec::new();
             }
             if st.shutdown {
@@ -145,31 +193,80 @@ fn worker(inner: Arc<Inner>) {
         };
         drop(st);
         if batch.is_empty() {
-            // A polled grace period nobody drives.
-            inner.wait_for_gp(inner.gp.requested());
+            // A polled grace period: drive it, or wait for its driver.
+            if let Some(target) = inner.gp.wanted() {
+                let _ = survive(|| inner.wait_for_gp(target));
+            }
             continue;
         }
         // The grace period starts after the batch was taken, so it waits
         // for every reader that could see what the callbacks free.
-        inner.synchronize_inner();
-        let n = batch.len() as u64;
-        for cb in batch {
-            run(cb);
+        if survive(|| inner.synchronize_inner()).is_err() {
+            // The grace period was abandoned (its state is restored, see
+            // grace_period.rs): put the batch back in front, in order, and
+            // wait for a new grace period for it.
+            let mut st = cbs.state.lock();
+            let later = core::mem::replace(&mut st.queue, batch);
+            st.queue.extend(later);
+            continue;
         }
-        let mut st = cbs.state.lock();
-        st.done += n;
-        cbs.done.notify_all();
+        run_batch(&inner, batch);
         just_ran = true;
     }
 }
 
-fn run(cb: Callback) {
+/// Runs `f`; a panic in it (a stall hook, a failing system call) is caught
+/// and reported, so that the worker survives it.
+fn survive(f: impl FnOnce()) -> Result<(), ()> {
+    #[cfg(not(loom))]
+    {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|_| {
+            eprintln!("srcu: the callback worker's grace period panicked; retrying it");
+        })
+    }
+    #[cfg(loom)]
+    {
+        f();
+        Ok(())
+    }
+}
+
+/// Runs a batch whose grace period has completed and records it as done.
+fn run_batch(inner: &Inner, batch: Vec<Callback>) {
+    let n = batch.len() as u64;
+    for cb in batch {
+        run(inner, cb);
+    }
+    Stats::add(&inner.stats.callbacks_run, n);
+    let mut st = inner.cbs.state.lock();
+    st.done += n;
+    inner.cbs.done.notify_all();
+}
+
+/// Without a worker: takes the queue, waits a grace period and runs it on
+/// the calling thread, until the queue is empty.
+fn drain_here(inner: &Inner) {
+    loop {
+        let batch = core::mem::take(&mut inner.cbs.state.lock().queue);
+        if batch.is_empty() {
+            return;
+        }
+        inner.synchronize_inner();
+        run_batch(inner, batch);
+    }
+}
+
+fn run(inner: &Inner, cb: Callback) {
     #[cfg(not(loom))]
     if std::panic::catch_unwind(std::panic::AssertUnwindSafe(cb)).is_err() {
+        Stats::add(&inner.stats.callback_panics, 1);
         eprintln!("srcu: a call_srcu callback panicked; the remaining callbacks still run");
     }
     #[cfg(loom)]
-    cb();
+    {
+        let _ = inner;
+        cb();
+    }
 }
 
 impl<F: Flavor> Srcu<F> {
@@ -178,7 +275,11 @@ impl<F: Flavor> Srcu<F> {
     ///
     /// Callbacks run in order on the domain's worker thread; one grace
     /// period retires every callback queued before it began. A callback
-    /// that panics is reported on stderr and the others still run.
+    /// that panics is reported on stderr and the others still run. If the
+    /// worker's grace period panics (a stall hook), the worker survives
+    /// and retries it; in a `fork`ed child a new worker is started. Each
+    /// callback runs exactly once, at the latest when the domain is
+    /// dropped.
     ///
     /// ```
     /// use std::sync::{Arc, atomic::{AtomicBool, Ordering}};
@@ -198,15 +299,32 @@ impl<F: Flavor> Srcu<F> {
     ///
     /// # Panics
     ///
-    /// In debug builds, if the calling thread holds a read section of this
-    /// domain (the callbacks wait for a grace period that waits for it).
+    /// In every build: if the calling thread holds a read section of this
+    /// domain (the callbacks wait for a grace period that waits for it),
+    /// or if it is called from a `call_srcu` callback of this domain (the
+    /// worker would wait for itself; the panic is caught like any callback
+    /// panic and the worker goes on).
     pub fn barrier(&self) {
-        crate::held::assert_not_reading(self.inner.id(), "barrier");
+        crate::held::assert_not_reading(self.inner.held_slot(), "barrier");
         let cbs = &self.inner.cbs;
         let mut st = cbs.state.lock();
+        #[cfg(not(loom))]
+        if st.worker_alive() && st.worker_thread == Some(std::thread::current().id()) {
+            drop(st);
+            barrier_in_callback();
+        }
         let target = st.queued;
         if st.done >= target {
             return;
+        }
+        if !st.worker_alive() {
+            wake_locked(&self.inner, &mut st);
+            if !st.worker_started {
+                // No worker could be started: run the queue here.
+                drop(st);
+                drain_here(&self.inner);
+                return;
+            }
         }
         st.hurry += 1;
         if st.worker_napping {
@@ -225,12 +343,23 @@ impl<F: Flavor> Srcu<F> {
     }
 }
 
+#[cold]
+#[inline(never)]
+#[cfg(not(loom))]
+fn barrier_in_callback() -> ! {
+    panic!(
+        "srcu: barrier() called from a call_srcu callback of the same domain; \
+         the callback worker would wait for itself forever"
+    )
+}
+
 pub(crate) fn call_srcu_inner(inner: &Arc<Inner>, f: Callback) {
     let mut st = inner.cbs.state.lock();
     if st.shutdown {
         // The handle is gone, so no read section can exist.
         drop(st);
-        run(f);
+        run(inner, f);
+        Stats::add(&inner.stats.callbacks_run, 1);
         return;
     }
     st.queue.push(f);

@@ -46,7 +46,7 @@ use std::sync::atomic::AtomicPtr;
 ///     let g = srcu.read_lock();
 ///     assert_eq!(cell.dereference(&g), Some(&1));
 /// }
-/// let old = cell.assign(2, &lock.lock());
+/// let old = cell.assign(2, &mut lock.lock());
 /// let old = old.unwrap().synchronize(); // waits for readers of `1`
 /// assert_eq!(*old, 1);
 /// ```
@@ -119,14 +119,32 @@ impl<T: Send + Sync + 'static> SrcuCell<T> {
     /// (`rcu_dereference_protected`). No barrier: the lock orders it after
     /// every update.
     ///
+    /// The reference borrows `proof` shared, and every update
+    /// ([`replace`](SrcuCell::replace), [`assign`](SrcuCell::assign),
+    /// [`take`](SrcuCell::take)) borrows it mutably, so the reference
+    /// cannot be kept across an update made under the same guard (after
+    /// which the value could be freed):
+    ///
+    /// ```compile_fail,E0502
+    /// let srcu = srcu::Srcu::new();
+    /// let lock = srcu::UpdateLock::new(());
+    /// let cell = srcu::SrcuCell::new(&srcu, &lock, Some(1));
+    /// let mut g = lock.lock();
+    /// let r = cell.dereference_protected(&g).unwrap();
+    /// drop(cell.take(&mut g).unwrap().synchronize()); // frees what `r` sees
+    /// println!("{r}");
+    /// ```
+    ///
     /// # Panics
     ///
     /// If `proof` is a guard of another lock than the cell's.
     pub fn dereference_protected<'a, L>(&'a self, proof: &'a UpdateGuard<'_, L>) -> Option<&'a T> {
         self.check_lock(proof);
-        // SAFETY: only holders of the lock change the pointer, and freeing
-        // the value it points to requires unpublishing it first (under the
-        // lock, which `proof` borrows for 'a) or `&mut self`.
+        // SAFETY: only holders of the lock change the pointer, through
+        // `replace`, which needs `&mut UpdateGuard`; `proof` is borrowed
+        // shared for 'a, so no update under this guard (nor any other: the
+        // lock is held) can run while the reference lives, and freeing
+        // needs either such an update first or `&mut self`.
         unsafe { self.ptr.load(Relaxed).as_ref() }
     }
 
@@ -136,10 +154,14 @@ impl<T: Send + Sync + 'static> SrcuCell<T> {
     /// [`dereference`](SrcuCell::dereference): a reader that sees the new
     /// pointer sees the object as initialised before this call.
     ///
+    /// `proof` is borrowed mutably: no reference from
+    /// [`dereference_protected`](SrcuCell::dereference_protected) under the
+    /// same guard can be alive across the update.
+    ///
     /// # Panics
     ///
     /// If `proof` is a guard of another lock than the cell's.
-    pub fn replace<L>(&self, new: Option<T>, proof: &UpdateGuard<'_, L>) -> Option<Stale<T>> {
+    pub fn replace<L>(&self, new: Option<T>, proof: &mut UpdateGuard<'_, L>) -> Option<Stale<T>> {
         self.check_lock(proof);
         // P: release (the acquire half orders nothing we rely on; swap is
         // one instruction on x86_64).
@@ -157,12 +179,12 @@ impl<T: Send + Sync + 'static> SrcuCell<T> {
     }
 
     /// Publishes `value`; the previous value, if any, as [`Stale`].
-    pub fn assign<L>(&self, value: T, proof: &UpdateGuard<'_, L>) -> Option<Stale<T>> {
+    pub fn assign<L>(&self, value: T, proof: &mut UpdateGuard<'_, L>) -> Option<Stale<T>> {
         self.replace(Some(value), proof)
     }
 
     /// Empties the cell; the previous value, if any, as [`Stale`].
-    pub fn take<L>(&self, proof: &UpdateGuard<'_, L>) -> Option<Stale<T>> {
+    pub fn take<L>(&self, proof: &mut UpdateGuard<'_, L>) -> Option<Stale<T>> {
         self.replace(None, proof)
     }
 
@@ -259,7 +281,7 @@ impl<T: Send + 'static> Stale<T> {
 
     /// Waits for a grace period with `wait`, then hands the value back.
     fn take_after(mut self, what: &str, wait: fn(&Inner)) -> Box<T> {
-        crate::held::assert_not_reading(self.domain.id(), what);
+        crate::held::assert_not_reading(self.domain.held_slot(), what);
         wait(&self.domain);
         self.value
             .take()

@@ -24,6 +24,11 @@ pub(crate) struct Inner {
     pub(crate) cbs: Callbacks,
     pub(crate) stall_timeout: Duration,
     pub(crate) stall_hook: StallHook,
+    /// This domain's slot in the per-thread section counts (`held.rs`);
+    /// set to "untracked" when the handle is dropped and the slot freed
+    /// (cells may keep `Inner` alive; no section can exist then).
+    held_slot: core::sync::atomic::AtomicU8,
+    pub(crate) stats: crate::stats::Stats,
 }
 
 impl Inner {
@@ -31,6 +36,14 @@ impl Inner {
     #[inline(always)]
     pub(crate) fn id(&self) -> usize {
         self as *const Inner as usize
+    }
+
+    /// The tracking slot of `held.rs`. Relaxed: written once at creation
+    /// (published with the `Arc`) and once at the handle's drop, when no
+    /// section exists.
+    #[inline(always)]
+    pub(crate) fn held_slot(&self) -> u8 {
+        self.held_slot.load(Relaxed)
     }
 }
 
@@ -120,6 +133,7 @@ impl<F: Flavor> Builder<F> {
         if let Some(v) = self.preset {
             counters.preset(v);
         }
+        crate::fork::watch();
         let fast = F::FAST && crate::membarrier::register();
         Srcu {
             inner: Arc::new(Inner {
@@ -130,6 +144,8 @@ impl<F: Flavor> Builder<F> {
                 cbs: Callbacks::new(),
                 stall_timeout: self.stall_timeout,
                 stall_hook: self.stall_hook.unwrap_or_else(crate::stall::default_hook),
+                held_slot: core::sync::atomic::AtomicU8::new(crate::held::alloc_slot()),
+                stats: crate::stats::Stats::default(),
             }),
             _flavor: PhantomData,
         }
@@ -213,6 +229,29 @@ impl<F: Flavor> Srcu<F> {
         self.inner.counters.path()
     }
 
+    /// True if the calling thread is inside a read section of this domain
+    /// (holds a [`ReadGuard`] of it). Exact for the first 255 domains alive
+    /// at once (a per-thread counter per domain, kept in release builds
+    /// too); beyond that, always false. A section converted with
+    /// [`ReadGuard::into_sendable`] counts on no thread until adopted.
+    ///
+    /// `synchronize`, `synchronize_expedited`, `barrier` and
+    /// `Stale::synchronize` panic when this is true (they would wait for
+    /// the caller itself); callers that would rather fail softly, such as
+    /// kvm-bus's `unregister_dev`, check it first.
+    ///
+    /// ```
+    /// let srcu = srcu::Srcu::new();
+    /// assert!(!srcu.in_read_section());
+    /// let g = srcu.read_lock();
+    /// assert!(srcu.in_read_section());
+    /// drop(g);
+    /// assert!(!srcu.in_read_section());
+    /// ```
+    pub fn in_read_section(&self) -> bool {
+        crate::held::depth(self.inner.held_slot()) != 0
+    }
+
     /// Number of read sections in progress (approximate while readers come
     /// and go; exact when quiescent). For diagnostics and tests.
     pub fn readers(&self) -> usize {
@@ -237,5 +276,9 @@ impl<F: Flavor> Drop for Srcu<F> {
         // No guard can outlive the handle (guards borrow it), so after the
         // worker has drained the queue nothing can be left waiting.
         self.inner.cbs.shutdown(&self.inner);
+        // No guard can outlive the handle, so no thread counts a section in
+        // this slot any more.
+        let slot = self.inner.held_slot.swap(crate::held::UNTRACKED, Relaxed);
+        crate::held::free_slot(slot);
     }
 }

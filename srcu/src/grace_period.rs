@@ -20,28 +20,55 @@
 //! any read load (this is the two-index flip of srcutree). "Drained" is
 //! `Σ unlock == Σ lock` with barrier A between the sums (`percpu.rs`).
 //!
-//! # Sharing
+//! # Sharing, and handing the driving over
 //!
 //! Grace periods are numbered. A caller needs the first one that *starts*
 //! after its call: `completed + 1` if none is running, `completed + 2` if one
 //! is. It raises `requested` to that number; if nobody is driving, it drives
-//! (runs grace periods until `completed >= requested`), otherwise it waits.
-//! So any number of concurrent callers share grace periods, and the callback
-//! worker shares them with `synchronize` callers too. A cookie of the polled
-//! API is simply that number.
+//! *until its own target has completed*, then stops and wakes the waiters,
+//! one of which takes over if more grace periods are wanted. So any number
+//! of concurrent callers share grace periods, and no caller is held for more
+//! than its own (at most two) grace periods by a stream of later callers
+//! (`driver_handoffs` in the statistics counts the hand-overs). The callback
+//! worker shares grace periods the same way. A cookie of the polled API is
+//! simply that number.
 //!
-//! # Waiting
+//! # Faults
+//!
+//! If the driving thread unwinds out of a grace period (a stall hook that
+//! panics, a failing system call), a drop guard restores the state:
+//! `driving` and `in_progress` are cleared and waiters are woken, so the
+//! next caller restarts that grace period from its first scan (a restarted
+//! grace period is a complete one: the flip it may have done is harmless,
+//! both indices are scanned again). `driver_panics` counts these.
+//!
+//! # Waiting, and what it costs the vCPUs
 //!
 //! Readers do not signal the updater (that would cost them), so a driver
-//! polls the counters: twice back to back (sections are short), then a few
-//! spins, then sleeps that double from 20 µs up to 1 ms, so a long section
-//! costs the driver almost no CPU. `synchronize_expedited` never sleeps.
+//! polls the counters. Each poll first *peeks* (sums the index without
+//! barrier A: no `membarrier`, no fence); only a peek that finds the index
+//! drained is confirmed by the real check with barrier A. A reader holding
+//! a section for a long time therefore costs no interrupt per poll: about
+//! one `membarrier` per reader departure noticed. (A peek may say "busy"
+//! when the index has just drained, which only delays the confirmation; it
+//! can never confirm anything by itself.)
+//!
+//! Between polls the driver spins for the first 50 µs (sections are short),
+//! then sleeps, doubling the nap from 20 µs up to 1 ms (200 µs while an
+//! expedited grace period is wanted). It never calls `sched_yield`: on a
+//! host whose CPUs are all busy (running vCPUs), a yield hands the CPU to
+//! another thread for a whole time slice, milliseconds, while a nap of
+//! 20 µs returns in tens of microseconds. Beyond its first 100 µs a wait
+//! thus costs a few percent of a CPU at most, expedited included
+//! (`wait_cpu_ns` in the statistics).
 
 use crate::barriers;
 use crate::domain::{Inner, Srcu};
 use crate::flavor::Flavor;
 use crate::stall::StallReport;
+use crate::stats::Stats;
 use crate::sync::{AtomicU64, Condvar, Mutex, MutexGuard};
+use core::sync::atomic::AtomicU32;
 use core::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::time::{Duration, Instant};
 
@@ -55,8 +82,9 @@ struct State {
     in_progress: bool,
     requested: u64,
     driving: bool,
-    /// Waiters that asked for an expedited grace period.
-    expedite: u32,
+    /// The fork generation (`fork.rs`) of the driving thread: a driver
+    /// recorded before a `fork` does not exist in the child.
+    driver_fork: u64,
     /// Callers blocked waiting for somebody else's grace period (for
     /// diagnostics and tests).
     waiting: u32,
@@ -68,6 +96,11 @@ impl State {
     fn next_to_start(&self) -> u64 {
         self.completed + 1 + self.in_progress as u64
     }
+
+    /// True if a thread of this process is driving.
+    fn driven(&self) -> bool {
+        self.driving && self.driver_fork == crate::fork::generation()
+    }
 }
 
 pub(crate) struct GracePeriods {
@@ -76,7 +109,15 @@ pub(crate) struct GracePeriods {
     /// Mirror of `state.completed` for lock-free polling. Stored with
     /// release after barrier G, loaded with acquire by `poll`.
     completed: AtomicU64,
+    /// Callers waiting for an expedited grace period: drivers nap shorter.
+    expedite: AtomicU32,
 }
+
+/// A start-to-finish polling interval of the waiting loop.
+const SPIN_FOR: Duration = Duration::from_micros(50);
+const FIRST_NAP: Duration = Duration::from_micros(20);
+const MAX_NAP: Duration = Duration::from_millis(1);
+const MAX_NAP_EXPEDITED: Duration = Duration::from_micros(200);
 
 impl GracePeriods {
     pub(crate) fn new() -> Self {
@@ -86,11 +127,12 @@ impl GracePeriods {
                 in_progress: false,
                 requested: 0,
                 driving: false,
-                expedite: 0,
+                driver_fork: 0,
                 waiting: 0,
             }),
             done: Condvar::new(),
             completed: AtomicU64::new(0),
+            expedite: AtomicU32::new(0),
         }
     }
 
@@ -106,48 +148,65 @@ impl GracePeriods {
         target
     }
 
-    /// The highest grace period anybody asked for.
-    pub(crate) fn requested(&self) -> u64 {
-        self.state.lock().requested
-    }
-
-    /// True if somebody must be woken to drive (nobody is driving and a
-    /// grace period is wanted).
-    pub(crate) fn needs_driver(&self) -> bool {
+    /// A grace period that somebody asked for and that has not completed
+    /// (the callback worker drives or waits for it), if any.
+    pub(crate) fn wanted(&self) -> Option<u64> {
         let st = self.state.lock();
-        !st.driving && st.requested > st.completed
+        (st.requested > st.completed).then_some(st.requested)
+    }
+}
+
+/// Restores the grace-period state if the driver unwinds out of a grace
+/// period. Created with the state unlocked; its drop locks it.
+struct DriverUnwind<'a>(&'a Inner);
+
+impl Drop for DriverUnwind<'_> {
+    fn drop(&mut self) {
+        let gp = &self.0.gp;
+        let mut st = gp.state.lock();
+        st.in_progress = false;
+        st.driving = false;
+        Stats::add(&self.0.stats.driver_panics, 1);
+        gp.done.notify_all();
+    }
+}
+
+/// Decrements the expedite count however the wait ends.
+struct Expedited<'a>(&'a AtomicU32);
+
+impl Drop for Expedited<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
     }
 }
 
 impl Inner {
-    /// Blocks until grace period `target` has completed, driving it if
-    /// nobody else does.
+    /// Blocks until grace period `target` has completed, driving (up to
+    /// `target` only) whenever nobody else does.
     pub(crate) fn wait_for_gp(&self, target: u64) {
         let gp = &self.gp;
         let mut st = gp.state.lock();
-        if st.completed >= target {
-            return;
-        }
         st.requested = st.requested.max(target);
-        if !st.driving {
-            self.drive(st);
-            return;
-        }
-        drop(st);
-        // Brief spin: a driver often finishes within microseconds.
-        for _ in 0..64 {
-            if gp.completed.load(Acquire) >= target {
+        let mut spun = false;
+        while st.completed < target {
+            if !st.driven() {
+                // Nobody drives, or the driver stopped at its own target
+                // (before ours): take over.
+                self.drive(st, target);
                 return;
             }
-            crate::sync::spin_hint();
-        }
-        let mut st = gp.state.lock();
-        while st.completed < target {
-            if !st.driving {
-                // The driver stopped short of our target (it only runs to
-                // the `requested` it saw): take over.
-                self.drive(st);
-                return;
+            if !spun {
+                // Brief spin: a driver often finishes within microseconds.
+                spun = true;
+                drop(st);
+                for _ in 0..64 {
+                    if gp.completed.load(Acquire) >= target {
+                        return;
+                    }
+                    crate::sync::spin_hint();
+                }
+                st = gp.state.lock();
+                continue;
             }
             st.waiting += 1;
             gp.done.wait(&mut st);
@@ -159,23 +218,21 @@ impl Inner {
     /// grace period is being driven.
     pub(crate) fn waiters(&self) -> (u32, bool) {
         let st = self.gp.state.lock();
-        (st.waiting, st.driving)
+        (st.waiting, st.driven())
     }
 
-    /// An expedited grace period: drivers spin and yield instead of
-    /// sleeping while this waits.
+    /// An expedited grace period: drivers nap at most 200 µs while this
+    /// waits.
     pub(crate) fn synchronize_expedited_inner(&self) {
-        let target = {
-            let mut st = self.gp.state.lock();
-            st.expedite += 1;
-            GracePeriods::request(&mut st)
-        };
+        self.gp.expedite.fetch_add(1, Relaxed);
+        let _undo = Expedited(&self.gp.expedite);
+        Stats::add(&self.stats.expedited_requests, 1);
+        let target = self.request_gp();
         self.wait_for_gp(target);
-        self.gp.state.lock().expedite -= 1;
     }
 
     /// Waits for a grace period that starts after now (driving it if
-    /// nobody does): `synchronize`, minus the debug check.
+    /// nobody does): `synchronize`, minus the self-deadlock check.
     pub(crate) fn synchronize_inner(&self) {
         let target = self.request_gp();
         self.wait_for_gp(target);
@@ -187,62 +244,91 @@ impl Inner {
         GracePeriods::request(&mut st)
     }
 
-    /// Runs grace periods until `completed >= requested`, then gives up
-    /// the driver role. Called with the state locked and `driving` false.
-    fn drive<'a>(&'a self, mut st: MutexGuard<'a, State>) {
+    /// Runs grace periods until `completed >= target`, then gives up the
+    /// driver role and wakes the waiters (one takes over if more are
+    /// wanted). Called with the state locked and nobody driving.
+    fn drive<'a>(&'a self, mut st: MutexGuard<'a, State>, target: u64) {
         st.driving = true;
-        while st.completed < st.requested {
+        st.driver_fork = crate::fork::generation();
+        while st.completed < target {
             st.in_progress = true;
             let number = st.completed + 1;
             drop(st);
+            let unwind = DriverUnwind(self);
             self.run_one(number);
+            core::mem::forget(unwind);
             st = self.gp.state.lock();
             st.in_progress = false;
             st.completed += 1;
             // Release: pairs with the acquire in `poll`/the spin above, after
             // barrier G inside `run_one`.
             self.gp.completed.store(st.completed, Release);
-            self.gp.done.notify_all();
         }
         st.driving = false;
+        if st.requested > st.completed {
+            Stats::add(&self.stats.driver_handoffs, 1);
+        }
         self.gp.done.notify_all();
     }
 
     /// One full grace period (see the module docs).
     fn run_one(&self, number: u64) {
-        let heavy = self.fast;
+        let t0 = Instant::now();
         barriers::f_g(); // F: caller's unpublishing stores before the scans.
         let idx = self.idx.load(Relaxed); // only the driver writes it
-        self.wait_drained(1 ^ (idx & 1), number);
-        barriers::e(heavy); // E: pairs with B and C.
+                                          // SCAN1: stragglers that loaded the old index before the last flip
+                                          // (`--cfg srcu_teeth="scan1"` removes it, for scripts/teeth.sh).
+        if !cfg!(srcu_teeth = "scan1") {
+            self.wait_drained(1 ^ (idx & 1), number);
+        }
+        barriers::e(); // E: pairs with B and C (through A of that scan).
         self.idx.store(idx.wrapping_add(1), Relaxed); // the flip
-        barriers::d(heavy); // D: pairs with C.
+        self.heavy(barriers::d); // D: pairs with C.
         self.wait_drained(idx & 1, number);
         barriers::f_g(); // G: the scans before the caller's frees.
+        Stats::add(&self.stats.grace_periods, 1);
+        Stats::max(
+            &self.stats.longest_grace_period_ns,
+            t0.elapsed().as_nanos() as u64,
+        );
     }
 
-    fn expedite_requested(&self) -> bool {
-        self.gp.state.lock().expedite > 0
+    /// Runs a grace-period-side full barrier (`membarrier` in a fast
+    /// domain) and counts it.
+    fn heavy(&self, barrier: fn(bool) -> bool) {
+        if self.fast {
+            Stats::add(&self.stats.membarriers, 1);
+        }
+        if barrier(self.fast) {
+            Stats::add(&self.stats.membarrier_fallbacks, 1);
+        }
     }
 
-    /// Polls until index `i` has no readers, spinning then sleeping.
+    /// The real drain check of index `i`, with barrier A; counted.
+    fn scan(&self, i: usize) -> bool {
+        Stats::add(&self.stats.scans, 1);
+        self.counters.drained(i, || self.heavy(barriers::a))
+    }
+
+    /// A peek, then the real check only if the peek found `i` drained.
+    fn poll_drained(&self, i: usize) -> bool {
+        self.counters.peek_drained(i) && self.scan(i)
+    }
+
+    /// Polls until index `i` has no readers: spins, yields, then sleeps
+    /// (module docs).
     fn wait_drained(&self, i: usize, number: u64) {
-        let heavy = self.fast;
-        // srcutree checks twice in quick succession: sections are short.
-        for _ in 0..2 {
-            if self.counters.drained(i, heavy) {
-                return;
-            }
+        if self.poll_drained(i) {
+            return;
         }
         let start = Instant::now();
+        let cpu_start = crate::stats::thread_cpu_ns();
         let mut reported = false;
-        let mut nap = Duration::from_micros(20);
-        let mut spins = 0u32;
+        let mut nap = FIRST_NAP;
         loop {
-            if self.counters.drained(i, heavy) {
-                return;
+            if self.poll_drained(i) {
+                break;
             }
-            spins += 1;
             let waited = start.elapsed();
             if !reported && waited >= self.stall_timeout {
                 reported = true;
@@ -253,17 +339,30 @@ impl Inner {
                 };
                 (self.stall_hook)(&report);
             }
-            if spins < 16 {
+            if cfg!(loom) {
+                crate::sync::yield_now();
+            } else if waited < SPIN_FOR {
                 for _ in 0..32 {
                     crate::sync::spin_hint();
                 }
-            } else if spins < 24 || self.expedite_requested() {
-                crate::sync::yield_now();
             } else {
+                let cap = if self.gp.expedite.load(Relaxed) > 0 {
+                    MAX_NAP_EXPEDITED
+                } else {
+                    MAX_NAP
+                };
+                nap = nap.min(cap);
                 sleep(nap);
-                nap = (nap * 2).min(Duration::from_millis(1));
+                nap = (nap * 2).min(cap);
             }
         }
+        let s = &self.stats;
+        Stats::add(&s.waits, 1);
+        Stats::add(&s.wait_wall_ns, start.elapsed().as_nanos() as u64);
+        Stats::add(
+            &s.wait_cpu_ns,
+            crate::stats::thread_cpu_ns().saturating_sub(cpu_start),
+        );
     }
 }
 
@@ -292,23 +391,26 @@ impl<F: Flavor> Srcu<F> {
     ///
     /// # Panics
     ///
-    /// In debug builds, if the calling thread holds a [`crate::ReadGuard`]
-    /// of this domain (it would wait for itself forever). Release builds
-    /// hang instead, and the stall hook reports it.
+    /// If the calling thread holds a [`crate::ReadGuard`] of this domain
+    /// (it would wait for itself forever; see
+    /// [`Srcu::in_read_section`]), in release builds too. If the stall hook
+    /// panics, that panic propagates here and the domain stays usable.
     pub fn synchronize(&self) {
-        crate::held::assert_not_reading(self.inner.id(), "synchronize");
+        crate::held::assert_not_reading(self.inner.held_slot(), "synchronize");
         self.inner.synchronize_inner();
     }
 
-    /// Like [`synchronize`](Srcu::synchronize), with the lowest latency: the
-    /// grace period never sleeps while it waits for readers (it spins and
-    /// yields), and a driver already sleeping is told to stop sleeping.
+    /// Like [`synchronize`](Srcu::synchronize), with lower latency once the
+    /// readers have left: while it waits, the driver naps at most 200 µs
+    /// between polls instead of 1 ms. It never polls without sleeping
+    /// beyond the first 100 µs, so a long reader costs neither a CPU nor a
+    /// `membarrier` storm (see [`Srcu::stats`]).
     ///
     /// # Panics
     ///
     /// As [`synchronize`](Srcu::synchronize).
     pub fn synchronize_expedited(&self) {
-        crate::held::assert_not_reading(self.inner.id(), "synchronize_expedited");
+        crate::held::assert_not_reading(self.inner.held_slot(), "synchronize_expedited");
         self.inner.synchronize_expedited_inner();
     }
 
@@ -326,6 +428,13 @@ impl<F: Flavor> Srcu<F> {
     pub fn get_state(&self) -> GpCookie {
         let st = self.inner.gp.state.lock();
         GpCookie(st.next_to_start())
+    }
+
+    /// What the domain has cost so far: grace periods, scans, `membarrier`
+    /// calls, CPU burnt while waiting, callbacks run, the longest grace
+    /// period. See [`crate::SrcuStats`].
+    pub fn stats(&self) -> crate::SrcuStats {
+        self.inner.stats.snapshot()
     }
 
     /// True once the grace period of `cookie` has completed: every read

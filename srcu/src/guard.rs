@@ -2,7 +2,7 @@
 
 use crate::domain::Srcu;
 use crate::flavor::{Classic, Flavor};
-use crate::held::Held;
+use core::marker::PhantomData;
 
 /// A read section of an [`Srcu`] domain; dropping it calls `read_unlock`.
 ///
@@ -21,23 +21,65 @@ use crate::held::Held;
 /// println!("{r}");
 /// ```
 ///
-/// The guard is `Send`: it may be moved to another thread and dropped there
-/// (lock and unlock are counted separately, per CPU). A panic inside the
-/// section ends it during unwinding; the domain stays usable.
+/// The guard is neither `Send` nor `Sync`: it is counted on the thread
+/// that holds it, which is what lets [`Srcu::synchronize`] (and
+/// [`Srcu::in_read_section`]) know exactly whether the calling thread is
+/// inside a section of the domain. To end a section on another thread,
+/// convert it with [`into_sendable`](ReadGuard::into_sendable):
+///
+/// ```compile_fail
+/// let srcu = srcu::Srcu::new();
+/// let g = srcu.read_lock();
+/// std::thread::scope(|s| { s.spawn(move || drop(g)); }); // ReadGuard is !Send
+/// ```
+///
+/// A panic inside the section ends it during unwinding; the domain stays
+/// usable.
 #[must_use = "the read section ends when the guard is dropped"]
 pub struct ReadGuard<'a, F: Flavor = Classic> {
     srcu: &'a Srcu<F>,
     idx: usize,
-    held: Held,
+    /// `!Send + !Sync`: the section is counted on this thread.
+    _here: PhantomData<*const ()>,
 }
 
 impl<'a, F: Flavor> ReadGuard<'a, F> {
+    /// Wraps a section whose lock increment was just made, counting it on
+    /// this thread.
     #[inline(always)]
     pub(crate) fn new(srcu: &'a Srcu<F>, idx: usize) -> Self {
+        crate::held::enter(srcu.inner.held_slot());
         ReadGuard {
             srcu,
             idx,
-            held: Held::enter(srcu.inner.id()),
+            _here: PhantomData,
+        }
+    }
+
+    /// Uncounts the section on this thread and returns it in a form that
+    /// can be sent to another thread (which must
+    /// [`adopt`](SendableReadGuard::adopt) it to read through it, or may
+    /// simply drop it). The section itself continues without a gap.
+    ///
+    /// ```
+    /// let srcu = srcu::Srcu::new();
+    /// let g = srcu.read_lock();
+    /// let moved = g.into_sendable();
+    /// assert!(!srcu.in_read_section()); // this thread no longer holds it
+    /// std::thread::scope(|s| {
+    ///     s.spawn(|| {
+    ///         let g = moved.adopt();
+    ///         assert!(g.srcu().in_read_section()); // the receiver does
+    ///     });
+    /// });
+    /// assert_eq!(srcu.readers(), 0);
+    /// ```
+    pub fn into_sendable(self) -> SendableReadGuard<'a, F> {
+        let this = core::mem::ManuallyDrop::new(self);
+        crate::held::leave(this.srcu.inner.held_slot());
+        SendableReadGuard {
+            srcu: this.srcu,
+            idx: this.idx,
         }
     }
 
@@ -84,7 +126,44 @@ impl<F: Flavor> Drop for ReadGuard<'_, F> {
     #[inline]
     fn drop(&mut self) {
         self.srcu.read_unlock(self.idx);
-        self.held.leave();
+        crate::held::leave(self.srcu.inner.held_slot());
+    }
+}
+
+/// A read section on its way to another thread; from
+/// [`ReadGuard::into_sendable`].
+///
+/// It is `Send` but gives no access to protected data: the receiving
+/// thread calls [`adopt`](SendableReadGuard::adopt) to turn it back into a
+/// [`ReadGuard`] counted on that thread. Dropping it ends the section. While
+/// a section is in this form it is counted on no thread, so a thread that
+/// holds one (without adopting it) and calls `synchronize` on the same
+/// domain waits for itself; only the stall hook reports that.
+#[must_use = "the read section ends when the guard is dropped"]
+pub struct SendableReadGuard<'a, F: Flavor = Classic> {
+    srcu: &'a Srcu<F>,
+    idx: usize,
+}
+
+impl<'a, F: Flavor> SendableReadGuard<'a, F> {
+    /// Continues the section as a [`ReadGuard`] of the current thread.
+    pub fn adopt(self) -> ReadGuard<'a, F> {
+        let this = core::mem::ManuallyDrop::new(self);
+        ReadGuard::new(this.srcu, this.idx)
+    }
+}
+
+impl<F: Flavor> Drop for SendableReadGuard<'_, F> {
+    fn drop(&mut self) {
+        self.srcu.read_unlock(self.idx);
+    }
+}
+
+impl<F: Flavor> core::fmt::Debug for SendableReadGuard<'_, F> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("SendableReadGuard")
+            .field("idx", &self.idx)
+            .finish()
     }
 }
 

@@ -25,7 +25,7 @@
 //!         assert!(v == "v1" || v == "v2"); // old or new, never freed memory
 //!     })
 //! };
-//! let old = config.assign(String::from("v2"), &lock.lock());
+//! let old = config.assign(String::from("v2"), &mut lock.lock());
 //! drop(old); // freed by call_srcu after a grace period
 //! reader.join().unwrap();
 //! srcu.barrier(); // all deferred frees done
@@ -75,6 +75,7 @@ mod callbacks;
 mod cell;
 mod domain;
 mod flavor;
+mod fork;
 mod grace_period;
 mod guard;
 mod held;
@@ -82,6 +83,7 @@ mod membarrier;
 mod percpu;
 mod rseq;
 mod stall;
+mod stats;
 mod sync;
 mod update;
 
@@ -89,8 +91,9 @@ pub use cell::{SrcuCell, Stale};
 pub use domain::{Builder, Srcu};
 pub use flavor::{Classic, CounterPath, Fast, Flavor, ReaderMode};
 pub use grace_period::GpCookie;
-pub use guard::ReadGuard;
+pub use guard::{ReadGuard, SendableReadGuard};
 pub use stall::StallReport;
+pub use stats::SrcuStats;
 pub use update::{UpdateGuard, UpdateLock};
 
 /// The README's example, compiled and run as a doc test.
@@ -105,7 +108,10 @@ pub mod __private {
 
     /// One drain check of index `idx` (sum unlocks, A, sum locks).
     pub fn drained<F: Flavor>(srcu: &Srcu<F>, idx: usize) -> bool {
-        srcu.inner.counters.drained(idx, srcu.inner.fast)
+        let heavy = srcu.inner.fast;
+        srcu.inner.counters.drained(idx, || {
+            crate::barriers::a(heavy);
+        })
     }
 
     /// The index new readers use now.
@@ -117,6 +123,16 @@ pub mod __private {
     /// is being driven.
     pub fn waiters<F: Flavor>(srcu: &Srcu<F>) -> (u32, bool) {
         srcu.inner.waiters()
+    }
+
+    /// Makes the next `n` `membarrier(PRIVATE_EXPEDITED)` calls of the
+    /// process fail as if a seccomp filter returned `EPERM` (fault
+    /// injection for the tests of the fallback barrier).
+    pub fn inject_membarrier_failures(n: u64) {
+        #[cfg(all(target_os = "linux", not(loom)))]
+        crate::membarrier::INJECT_FAILURES.store(n, core::sync::atomic::Ordering::Relaxed);
+        #[cfg(not(all(target_os = "linux", not(loom))))]
+        let _ = n;
     }
 
     /// True if both indices are balanced (no lost increment).

@@ -17,7 +17,6 @@
 //! So an rseq-written word is never written by an atomic RMW, and vice
 //! versa. The path is chosen once per domain, at creation.
 
-use crate::barriers;
 use crate::flavor::CounterPath;
 use crate::rseq::{self, RseqOffset};
 use crate::sync::{fence, AtomicUsize};
@@ -213,11 +212,26 @@ impl Counters {
     }
 
     /// True if no reader is inside a section that used `idx`: sum the
-    /// unlocks, barrier A, sum the locks, compare. Wrapping arithmetic, so
-    /// counters may overflow freely.
-    pub(crate) fn drained(&self, idx: usize, heavy: bool) -> bool {
+    /// unlocks, barrier A (`barrier_a`), sum the locks, compare. Wrapping
+    /// arithmetic, so counters may overflow freely.
+    pub(crate) fn drained(&self, idx: usize, barrier_a: impl FnOnce()) -> bool {
         let unlocks = self.sum(|s| &s.unlock[idx]);
-        barriers::a(heavy); // A: pairs with B and C.
+        barrier_a(); // A: pairs with B and C.
+        let locks = self.sum(|s| &s.lock[idx]);
+        locks == unlocks
+    }
+
+    /// A hint only: the same sums without barrier A. "Not drained" means
+    /// "poll again later"; "drained" must be confirmed by [`drained`]
+    /// (`Counters::drained`) before anything relies on it. Relaxed loads
+    /// of the same words eventually see the latest increments (coherence),
+    /// so a drained index is eventually peeked as drained. Under loom it
+    /// always says "drained", so the models check every real scan.
+    pub(crate) fn peek_drained(&self, idx: usize) -> bool {
+        if cfg!(loom) {
+            return true;
+        }
+        let unlocks = self.sum(|s| &s.unlock[idx]);
         let locks = self.sum(|s| &s.lock[idx]);
         locks == unlocks
     }

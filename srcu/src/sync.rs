@@ -81,15 +81,20 @@ pub(crate) fn yield_now() {
 }
 
 #[cfg(loom)]
-pub(crate) use loom::thread::{spawn, JoinHandle};
+pub(crate) use loom::thread::JoinHandle;
 #[cfg(not(loom))]
 pub(crate) use std::thread::JoinHandle;
 
 /// Spawns the callback worker (named, so stall reports and debuggers show it).
 #[cfg(not(loom))]
-pub(crate) fn spawn<F: FnOnce() + Send + 'static>(f: F) -> JoinHandle<()> {
+pub(crate) fn spawn<F: FnOnce() + Send + 'static>(f: F) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("srcu-callbacks".into())
         .spawn(f)
-        .expect("srcu: cannot spawn the callback worker thread")
+}
+
+/// Spawns a loom thread (never fails).
+#[cfg(loom)]
+pub(crate) fn spawn<F: FnOnce() + Send + 'static>(f: F) -> std::io::Result<JoinHandle<()>> {
+    Ok(loom::thread::spawn(f))
 }

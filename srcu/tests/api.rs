@@ -148,6 +148,7 @@ fn guard_dropped_on_another_thread() {
         let s = &s;
         std::thread::scope(|sc| {
             let g = s.read_lock();
+            let g = g.into_sendable();
             sc.spawn(move || drop(g)).join().unwrap();
         });
         assert_eq!(s.readers(), 0);
@@ -157,6 +158,7 @@ fn guard_dropped_on_another_thread() {
         let s = &s;
         std::thread::scope(|sc| {
             let g = s.read_lock();
+            let g = g.into_sendable();
             sc.spawn(move || drop(g)).join().unwrap();
         });
         assert_eq!(s.readers(), 0);
@@ -340,9 +342,8 @@ fn stall_hook_reports_once_with_reader_count() {
     assert!(reports[0].to_string().contains("stalled"));
 }
 
-#[cfg(debug_assertions)]
 #[test]
-fn synchronize_inside_own_section_panics_in_debug() {
+fn synchronize_inside_own_section_panics_in_every_build() {
     let s = Srcu::new();
     let g = s.read_lock();
     let err =
@@ -388,7 +389,7 @@ fn cell_read_update_destroy() {
         let g = s.read_lock();
         let seen = cell.dereference(&g).unwrap();
         let stale = cell
-            .assign((2, DropFlag(Arc::new(AtomicBool::new(false)))), &ug)
+            .assign((2, DropFlag(Arc::new(AtomicBool::new(false)))), &mut ug)
             .unwrap();
         drop(stale); // deferred: the reader above still sees the old value
         assert_eq!(seen.0, 1);
@@ -398,7 +399,7 @@ fn cell_read_update_destroy() {
     s.barrier();
     assert!(freed.load(SeqCst));
     assert_eq!(cell.get_mut().map(|v| v.0), Some(2));
-    let taken = cell.take(&lock.lock()).unwrap().synchronize();
+    let taken = cell.take(&mut lock.lock()).unwrap().synchronize();
     assert_eq!(taken.0, 2);
     {
         let g = s.read_lock();
@@ -407,7 +408,7 @@ fn cell_read_update_destroy() {
     assert!(cell
         .replace(
             Some((3, DropFlag(Arc::new(AtomicBool::new(false))))),
-            &lock.lock()
+            &mut lock.lock()
         )
         .is_none());
     assert_eq!(cell.into_inner().map(|v| v.0), Some(3));
@@ -444,7 +445,7 @@ fn stale_dropped_after_domain_is_freed_at_once() {
         cell = SrcuCell::new(&s, &lock, Some(DropFlag(freed.clone())));
     }
     // The domain handle is gone: no reader can exist, the free is immediate.
-    drop(cell.take(&lock.lock()));
+    drop(cell.take(&mut lock.lock()));
     assert!(freed.load(SeqCst));
 }
 
@@ -465,7 +466,7 @@ fn domain_and_guard_are_send_sync() {
     fn send<T: Send>() {}
     send_sync::<Srcu>();
     send_sync::<Srcu<Fast>>();
-    send::<srcu::ReadGuard<'static, Classic>>();
+    send::<srcu::SendableReadGuard<'static, Classic>>();
     send_sync::<SrcuCell<String>>();
     send_sync::<UpdateLock<u32>>();
 }

@@ -87,7 +87,7 @@ fn read_once(w: &World) -> u32 {
 
 /// Replace, synchronize, poison the old object.
 fn update_sync(w: &World, value: u32) {
-    let stale = w.cell.assign(Obj::new(value), &w.lock.lock()).unwrap();
+    let stale = w.cell.assign(Obj::new(value), &mut w.lock.lock()).unwrap();
     drop(stale.synchronize());
 }
 
@@ -184,7 +184,7 @@ fn call_srcu_defers_the_free() {
         let w2 = w.clone();
         let r = thread::spawn(move || read_once(&w2));
         // Dropping the Stale queues the free with call_srcu.
-        drop(w.cell.assign(Obj::new(2), &w.lock.lock()));
+        drop(w.cell.assign(Obj::new(2), &mut w.lock.lock()));
         r.join().unwrap();
         w.srcu.barrier();
     });

@@ -99,12 +99,13 @@ fn torture<F: Flavor>(name: &str, force_atomic: bool) {
     let stats = Stats::default();
     let stop = AtomicBool::new(false);
     let dur = duration();
-    let (handoff_tx, handoff_rx) = mpsc::channel::<(srcu::ReadGuard<'_, F>, ObjPtr, u64)>();
+    let (handoff_tx, handoff_rx) = mpsc::channel::<(srcu::SendableReadGuard<'_, F>, ObjPtr, u64)>();
     let t0 = Instant::now();
     std::thread::scope(|s| {
         // Drops guards handed over by readers, after checking the object.
         s.spawn(|| {
             for (guard, obj, started_at) in handoff_rx {
+                let guard = guard.adopt();
                 // SAFETY: the object was read under `guard`, which is still
                 // alive: the grace period that frees it waits for it.
                 check(unsafe { &*obj.0 }, started_at, &stats);
@@ -141,7 +142,7 @@ fn torture<F: Flavor>(name: &str, force_atomic: bool) {
                             // Hand the section to another thread to end it.
                             stats.handed_off.fetch_add(1, Relaxed);
                             let p = ObjPtr(obj);
-                            tx.send((g, p, started_at)).unwrap();
+                            tx.send((g.into_sendable(), p, started_at)).unwrap();
                             stats.reads.fetch_add(1, Relaxed);
                             continue;
                         }
@@ -165,7 +166,7 @@ fn torture<F: Flavor>(name: &str, force_atomic: bool) {
                     *g += 1;
                     let seq = *g;
                     let old: *const Obj = cell.dereference_protected(&g).expect("never empty");
-                    let stale = cell.assign(new_obj(seq), &g).expect("never empty");
+                    let stale = cell.assign(new_obj(seq), &mut g).expect("never empty");
                     // Recorded after the unpublish (program order): a later
                     // `completed` only makes the stale check weaker.
                     let r = srcu.completed_grace_periods();
@@ -301,4 +302,125 @@ fn counters_exact_under_preemption_classic() {
 #[test]
 fn counters_exact_under_preemption_fast() {
     counters_exact::<Fast>("fast");
+}
+
+/// Grace periods at the maximum rate, one reader per core entering and
+/// leaving short sections back to back: the load that exposes a reader on a
+/// stale index. Such a reader loaded the index just before a flip and
+/// incremented it just after the scan of that index; only the *next* grace
+/// period's first scan (of the then-inactive index) waits for it, which is
+/// why srcutree scans both indices. Remove that scan
+/// (`--cfg srcu_teeth="scan1"`, see scripts/teeth.sh) and an object is
+/// poisoned while this reader still looks at it.
+///
+/// Freed objects are poisoned and kept (a graveyard), not returned to the
+/// allocator, so a premature free is seen as poison deterministically
+/// rather than through undefined behaviour.
+fn max_rate<F: Flavor>(name: &str, force_atomic: bool) {
+    let srcu: Srcu<F> = Srcu::<F>::builder()
+        .force_atomic_counters(force_atomic)
+        .stall_timeout(Duration::from_secs(20))
+        .on_stall(|r| panic!("max-rate torture stalled: {r}"))
+        .build();
+    let lock = UpdateLock::new(0u64);
+    let new_obj = |seq| Obj {
+        canary: AtomicU64::new(LIVE),
+        seq,
+        removed_at: AtomicU64::new(NOT_REMOVED),
+    };
+    let cell = SrcuCell::new(&srcu, &lock, Some(new_obj(0)));
+    let poisoned = AtomicU64::new(0);
+    let sections = AtomicU64::new(0);
+    let lingered = AtomicU64::new(0);
+    let stop = AtomicBool::new(false);
+    let readers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let dur = duration().max(Duration::from_millis(500));
+    let t0 = Instant::now();
+    let mut graveyard: Vec<Box<Obj>> = Vec::new();
+    std::thread::scope(|s| {
+        for r in 0..readers {
+            let (srcu, cell, poisoned, sections, stop, lingered) =
+                (&srcu, &cell, &poisoned, &sections, &stop, &lingered);
+            s.spawn(move || {
+                let mut n = 0u64;
+                let _ = r;
+                while !stop.load(Relaxed) {
+                    let g = srcu.read_lock();
+                    let obj = cell.dereference(&g).expect("never empty");
+                    let mut dead = obj.canary.load(Relaxed) != LIVE;
+                    if g.index() != srcu::__private::current_index(srcu) {
+                        // The index flipped around this read_lock: the
+                        // section may sit on the index being retired, or on
+                        // a stale one. Linger across the next two grace
+                        // periods (bounded: with both scans in place they
+                        // wait for us), so that a grace period that does
+                        // not wait for this section frees `obj` under it.
+                        lingered.fetch_add(1, Relaxed);
+                        let gp0 = srcu.completed_grace_periods();
+                        let t = Instant::now();
+                        while srcu.completed_grace_periods() < gp0 + 2
+                            && t.elapsed() < Duration::from_micros(40)
+                        {
+                            std::hint::spin_loop();
+                        }
+                        dead |= obj.canary.load(Relaxed) != LIVE;
+                    }
+                    if dead {
+                        poisoned.fetch_add(1, Relaxed);
+                    }
+                    drop(g);
+                    n += 1;
+                }
+                sections.fetch_add(n, Relaxed);
+            });
+        }
+        let mut seq = 0;
+        while t0.elapsed() < dur {
+            for _ in 0..64 {
+                seq += 1;
+                let mut g = lock.lock();
+                let stale = cell.assign(new_obj(seq), &mut g).expect("never empty");
+                drop(g);
+                let old = stale.synchronize();
+                old.canary.store(POISON, Relaxed);
+                graveyard.push(old);
+            }
+        }
+        stop.store(true, Relaxed);
+    });
+    let stats = srcu.stats();
+    println!(
+        "max-rate {name} ({:?}, {:?}): {:.1} s, {readers} readers, {} sections ({} on a flipping index), {} grace periods ({:.0}/s), {} membarriers, {} poisoned",
+        srcu.reader_mode(),
+        srcu.counter_path(),
+        t0.elapsed().as_secs_f64(),
+        sections.load(Relaxed),
+        lingered.load(Relaxed),
+        stats.grace_periods,
+        stats.grace_periods as f64 / t0.elapsed().as_secs_f64(),
+        stats.membarriers,
+        poisoned.load(Relaxed),
+    );
+    assert_eq!(
+        poisoned.load(Relaxed),
+        0,
+        "{name}: a reader saw an object freed by a grace period that did not wait for it"
+    );
+    assert!(sections.load(Relaxed) > 0 && !graveyard.is_empty());
+    assert!(srcu::__private::balanced(&srcu));
+}
+
+#[test]
+fn max_rate_classic() {
+    max_rate::<Classic>("classic", false);
+}
+
+#[test]
+fn max_rate_fast() {
+    max_rate::<Fast>("fast", false);
+}
+
+#[test]
+fn max_rate_fast_atomic() {
+    max_rate::<Fast>("fast-atomic", true);
 }

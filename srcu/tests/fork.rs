@@ -1,0 +1,55 @@
+//! `fork()`: in the child, the callback worker and any grace-period driver
+//! of the parent do not exist. The child must still run its callbacks
+//! (a new worker), complete grace periods, and drop the domain cleanly.
+//! One test in its own binary, so that no other test thread holds a lock
+//! (the allocator's, say) at the moment of the fork.
+#![cfg(all(unix, not(loom)))]
+
+use srcu::Srcu;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::Arc;
+
+#[test]
+fn forked_child_runs_callbacks_and_grace_periods() {
+    let srcu = Srcu::new_fast();
+    srcu.call_srcu(|| {});
+    srcu.barrier(); // the worker exists in the parent
+    assert_eq!(srcu.stats().worker_starts, 1);
+    // SAFETY: fork in a test binary with a single test; the child only
+    // uses the domain and exits with _exit.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        // Child: if anything hangs, SIGALRM kills it and the parent fails.
+        // SAFETY: alarm has no preconditions.
+        unsafe { libc::alarm(20) };
+        let ran = Arc::new(AtomicBool::new(false));
+        let r = ran.clone();
+        srcu.call_srcu(move || r.store(true, SeqCst));
+        srcu.barrier();
+        srcu.synchronize();
+        let ok = ran.load(SeqCst) && srcu.stats().worker_starts == 2;
+        let dropped = Arc::new(AtomicBool::new(false));
+        let d = dropped.clone();
+        srcu.call_srcu(move || d.store(true, SeqCst));
+        drop(srcu);
+        let code = if ok && dropped.load(SeqCst) { 0 } else { 1 };
+        // SAFETY: ends the child without running the parent's atexit state.
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    // SAFETY: waits for our own child.
+    let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert_eq!(r, pid);
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "child failed or hung (status {status:#x})"
+    );
+    // The parent's domain is unaffected.
+    let ran = Arc::new(AtomicBool::new(false));
+    let r = ran.clone();
+    srcu.call_srcu(move || r.store(true, SeqCst));
+    srcu.barrier();
+    assert!(ran.load(SeqCst));
+    assert_eq!(srcu.stats().worker_starts, 1);
+}
