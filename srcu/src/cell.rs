@@ -172,10 +172,7 @@ impl<T: Send + Sync + 'static> SrcuCell<T> {
         // SAFETY: `old` came from `Box::into_raw` and is now unreachable
         // for new readers; `Stale` frees it only after a grace period.
         let value = unsafe { Box::from_raw(old) };
-        Some(Stale {
-            value: Some(value),
-            domain: self.domain.clone(),
-        })
+        Some(Stale::new(value, &self.domain))
     }
 
     /// Publishes `value`; the previous value, if any, as [`Stale`].
@@ -242,47 +239,101 @@ impl<T: core::fmt::Debug> core::fmt::Debug for SrcuCell<T> {
     }
 }
 
-/// A value unpublished from an [`SrcuCell`] that readers may still be
-/// looking at.
+/// A value unpublished from an [`SrcuCell`] (or handed to
+/// [`Srcu::retire`]) that readers may still be looking at.
 ///
-/// Take it back with [`synchronize`](Stale::synchronize) (waits for a grace
-/// period), or drop it: the drop queues its free with `call_srcu` and never
-/// blocks.
+/// It remembers the grace period that makes it safe: the first one that
+/// started after the unpublish. Take it back with
+/// [`synchronize`](Stale::synchronize) (waits for that grace period), poll
+/// with [`is_complete`](Stale::is_complete), get notified with
+/// [`then`](Stale::then), or drop it: the drop queues its free with
+/// `call_srcu` and never blocks.
 #[must_use = "dropping a Stale frees it after a grace period; use .synchronize() to get it back"]
 pub struct Stale<T: Send + 'static> {
     value: Option<Box<T>>,
     domain: Arc<Inner>,
+    /// The grace period after which no reader can see `value`.
+    safe_after: u64,
 }
 
 impl<T: Send + 'static> Stale<T> {
-    /// Waits for a grace period, after which no reader can see the value,
-    /// and hands it back.
+    /// A value unpublished just before this call.
+    pub(crate) fn new(value: Box<T>, domain: &Arc<Inner>) -> Self {
+        Stale {
+            value: Some(value),
+            domain: domain.clone(),
+            safe_after: domain.next_gp_to_start(),
+        }
+    }
+
+    /// Waits for the grace period after which no reader can see the value,
+    /// and hands it back. Returns at once if it has already completed.
     ///
     /// # Panics
     ///
-    /// In debug builds, if the calling thread is inside a read section of
-    /// the cell's domain.
+    /// If the calling thread is inside a read section of the cell's domain
+    /// (it would wait for itself), in every build.
     pub fn synchronize(self) -> Box<T> {
-        self.take_after("Stale::synchronize", Inner::synchronize_inner)
+        self.take_after("Stale::synchronize", false)
     }
 
     /// Like [`synchronize`](Stale::synchronize), with an expedited grace
-    /// period ([`Srcu::synchronize_expedited`]): lowest latency, may spin.
+    /// period ([`Srcu::synchronize_expedited`]): lower latency once the
+    /// readers have left.
     ///
     /// # Panics
     ///
     /// As [`synchronize`](Stale::synchronize).
     pub fn synchronize_expedited(self) -> Box<T> {
-        self.take_after(
-            "Stale::synchronize_expedited",
-            Inner::synchronize_expedited_inner,
-        )
+        self.take_after("Stale::synchronize_expedited", true)
     }
 
-    /// Waits for a grace period with `wait`, then hands the value back.
-    fn take_after(mut self, what: &str, wait: fn(&Inner)) -> Box<T> {
+    /// True once no reader can see the value any more (its grace period
+    /// has completed). Never blocks; the first call that finds it pending
+    /// makes sure the grace period is driven (by the callback worker), so
+    /// polling alone completes it.
+    ///
+    /// ```
+    /// let srcu = srcu::Srcu::new();
+    /// let old = srcu.retire(String::from("unpublished"));
+    /// while !old.is_complete() {
+    ///     std::thread::yield_now();
+    /// }
+    /// assert_eq!(*old.synchronize(), "unpublished"); // no wait now
+    /// ```
+    pub fn is_complete(&self) -> bool {
+        if self.domain.gp.completed() >= self.safe_after {
+            return true;
+        }
+        self.domain.request_gp_at_least(self.safe_after);
+        crate::callbacks::kick(&self.domain);
+        false
+    }
+
+    /// Runs `f` with the value once no reader can see it, on the callback
+    /// worker (a `call_srcu`); never blocks. For notification: send the
+    /// value, or a message, to whoever waits.
+    ///
+    /// ```
+    /// let srcu = srcu::Srcu::new();
+    /// let (tx, rx) = std::sync::mpsc::channel();
+    /// srcu.retire(7u32).then(move |v| tx.send(*v).unwrap());
+    /// assert_eq!(rx.recv().unwrap(), 7);
+    /// ```
+    pub fn then(mut self, f: impl FnOnce(Box<T>) + Send + 'static) {
+        if let Some(v) = self.value.take() {
+            call_srcu_inner(&self.domain, Box::new(move || f(v)));
+        }
+    }
+
+    /// Waits for the value's grace period, then hands the value back.
+    fn take_after(mut self, what: &str, expedited: bool) -> Box<T> {
         crate::held::assert_not_reading(self.domain.held_slot(), what);
-        wait(&self.domain);
+        if expedited {
+            self.domain.wait_for_gp_expedited(self.safe_after);
+        } else {
+            self.domain.wait_for_gp(self.safe_after);
+        }
         self.value
             .take()
             .expect("Stale always holds a value until consumed")

@@ -54,7 +54,7 @@
 //! can never confirm anything by itself.)
 //!
 //! Between polls the driver spins for the first 50 µs (sections are short),
-//! then sleeps, doubling the nap from 20 µs up to 1 ms (200 µs while an
+//! then sleeps, doubling the nap from 20 µs up to 1 ms (500 µs while an
 //! expedited grace period is wanted). It never calls `sched_yield`: on a
 //! host whose CPUs are all busy (running vCPUs), a yield hands the CPU to
 //! another thread for a whole time slice, milliseconds, while a nap of
@@ -117,7 +117,7 @@ pub(crate) struct GracePeriods {
 const SPIN_FOR: Duration = Duration::from_micros(50);
 const FIRST_NAP: Duration = Duration::from_micros(20);
 const MAX_NAP: Duration = Duration::from_millis(1);
-const MAX_NAP_EXPEDITED: Duration = Duration::from_micros(200);
+const MAX_NAP_EXPEDITED: Duration = Duration::from_micros(500);
 
 impl GracePeriods {
     pub(crate) fn new() -> Self {
@@ -221,14 +221,30 @@ impl Inner {
         (st.waiting, st.driven())
     }
 
-    /// An expedited grace period: drivers nap at most 200 µs while this
+    /// An expedited grace period: drivers nap at most 500 µs while this
     /// waits.
     pub(crate) fn synchronize_expedited_inner(&self) {
+        let target = self.request_gp();
+        self.wait_for_gp_expedited(target);
+    }
+
+    /// [`wait_for_gp`](Inner::wait_for_gp), asking drivers to nap less.
+    pub(crate) fn wait_for_gp_expedited(&self, target: u64) {
         self.gp.expedite.fetch_add(1, Relaxed);
         let _undo = Expedited(&self.gp.expedite);
         Stats::add(&self.stats.expedited_requests, 1);
-        let target = self.request_gp();
         self.wait_for_gp(target);
+    }
+
+    /// The first grace period that starts after now (not requested).
+    pub(crate) fn next_gp_to_start(&self) -> u64 {
+        self.gp.state.lock().next_to_start()
+    }
+
+    /// Makes sure grace period `target` is wanted (the worker drives it).
+    pub(crate) fn request_gp_at_least(&self, target: u64) {
+        let mut st = self.gp.state.lock();
+        st.requested = st.requested.max(target);
     }
 
     /// Waits for a grace period that starts after now (driving it if
@@ -286,7 +302,7 @@ impl Inner {
         self.heavy(barriers::d); // D: pairs with C.
         self.wait_drained(idx & 1, number);
         barriers::f_g(); // G: the scans before the caller's frees.
-        Stats::add(&self.stats.grace_periods, 1);
+        Stats::add_by_driver(&self.stats.grace_periods, 1);
         Stats::max(
             &self.stats.longest_grace_period_ns,
             t0.elapsed().as_nanos() as u64,
@@ -297,16 +313,16 @@ impl Inner {
     /// domain) and counts it.
     fn heavy(&self, barrier: fn(bool) -> bool) {
         if self.fast {
-            Stats::add(&self.stats.membarriers, 1);
+            Stats::add_by_driver(&self.stats.membarriers, 1);
         }
         if barrier(self.fast) {
-            Stats::add(&self.stats.membarrier_fallbacks, 1);
+            Stats::add_by_driver(&self.stats.membarrier_fallbacks, 1);
         }
     }
 
     /// The real drain check of index `i`, with barrier A; counted.
     fn scan(&self, i: usize) -> bool {
-        Stats::add(&self.stats.scans, 1);
+        Stats::add_by_driver(&self.stats.scans, 1);
         self.counters.drained(i, || self.heavy(barriers::a))
     }
 
@@ -357,9 +373,9 @@ impl Inner {
             }
         }
         let s = &self.stats;
-        Stats::add(&s.waits, 1);
-        Stats::add(&s.wait_wall_ns, start.elapsed().as_nanos() as u64);
-        Stats::add(
+        Stats::add_by_driver(&s.waits, 1);
+        Stats::add_by_driver(&s.wait_wall_ns, start.elapsed().as_nanos() as u64);
+        Stats::add_by_driver(
             &s.wait_cpu_ns,
             crate::stats::thread_cpu_ns().saturating_sub(cpu_start),
         );
@@ -401,7 +417,7 @@ impl<F: Flavor> Srcu<F> {
     }
 
     /// Like [`synchronize`](Srcu::synchronize), with lower latency once the
-    /// readers have left: while it waits, the driver naps at most 200 µs
+    /// readers have left: while it waits, the driver naps at most 500 µs
     /// between polls instead of 1 ms. It never polls without sleeping
     /// beyond the first 100 µs, so a long reader costs neither a CPU nor a
     /// `membarrier` storm (see [`Srcu::stats`]).
@@ -426,8 +442,23 @@ impl<F: Flavor> Srcu<F> {
     /// A cookie for the grace period a `synchronize` starting now would
     /// wait for, without starting one.
     pub fn get_state(&self) -> GpCookie {
-        let st = self.inner.gp.state.lock();
-        GpCookie(st.next_to_start())
+        GpCookie(self.inner.next_gp_to_start())
+    }
+
+    /// Hands `value`, which the caller has just made unreachable for new
+    /// readers (unpublished), to the domain: the returned [`Stale`] can be
+    /// waited for, polled, or dropped (freed after a grace period), exactly
+    /// like a value replaced in an [`crate::SrcuCell`]. For data structures
+    /// that unpublish something other than a cell's whole value (an entry
+    /// removed from a table).
+    ///
+    /// ```
+    /// let srcu = srcu::Srcu::new();
+    /// let old = srcu.retire(vec![1, 2, 3]);
+    /// assert_eq!(*old.synchronize(), vec![1, 2, 3]);
+    /// ```
+    pub fn retire<T: Send + 'static>(&self, value: T) -> crate::Stale<T> {
+        crate::Stale::new(Box::new(value), &self.inner)
     }
 
     /// What the domain has cost so far: grace periods, scans, `membarrier`

@@ -30,7 +30,18 @@ impl Stats {
     }
 
     pub(crate) fn max(counter: &AtomicU64, v: u64) {
-        counter.fetch_max(v, Relaxed);
+        if v > counter.load(Relaxed) {
+            counter.fetch_max(v, Relaxed);
+        }
+    }
+
+    /// For counters written only by the grace-period driver (one thread
+    /// at a time; the hand-over goes through the state mutex, which orders
+    /// successive drivers): a load and a store, no locked instruction on
+    /// the grace-period path.
+    #[inline]
+    pub(crate) fn add_by_driver(counter: &AtomicU64, n: u64) {
+        counter.store(counter.load(Relaxed).wrapping_add(n), Relaxed);
     }
 
     pub(crate) fn snapshot(&self) -> SrcuStats {

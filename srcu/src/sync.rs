@@ -62,6 +62,18 @@ mod loom_shim {
     }
 }
 
+/// Runs `f` with the mutex of `guard` released, then relocks it.
+#[cfg(not(loom))]
+pub(crate) fn unlocked<T, R>(guard: &mut MutexGuard<'_, T>, f: impl FnOnce() -> R) -> R {
+    parking_lot::MutexGuard::unlocked(guard, f)
+}
+
+/// Loom: the update lock is never released early in the models.
+#[cfg(loom)]
+pub(crate) fn unlocked<T, R>(_guard: &mut MutexGuard<'_, T>, f: impl FnOnce() -> R) -> R {
+    f()
+}
+
 /// Gives the CPU away while waiting for another thread.
 #[inline]
 pub(crate) fn spin_hint() {

@@ -68,6 +68,30 @@ impl<T> UpdateGuard<'_, T> {
     pub(crate) fn lock_id(&self) -> usize {
         self.id
     }
+
+    /// Releases the lock while `f` runs, then takes it again (parking_lot's
+    /// `MutexGuard::unlocked`). Other updaters may run meanwhile, so
+    /// anything read under the lock before must be read again after.
+    ///
+    /// This is sound with respect to the proof the guard carries: the call
+    /// borrows the guard mutably, so no reference obtained through it
+    /// ([`SrcuCell::dereference_protected`](crate::SrcuCell::dereference_protected))
+    /// can be alive across it. Use it to wait for a grace period without
+    /// holding the update lock (which the readers being waited for may
+    /// need).
+    ///
+    /// ```
+    /// let srcu = srcu::Srcu::new();
+    /// let lock = srcu::UpdateLock::new(());
+    /// let cell = srcu::SrcuCell::new(&srcu, &lock, Some(1));
+    /// let mut g = lock.lock();
+    /// let old = cell.assign(2, &mut g).unwrap();
+    /// let old = g.unlocked(|| old.synchronize()); // others may update now
+    /// assert_eq!(*old, 1);
+    /// ```
+    pub fn unlocked<R>(&mut self, f: impl FnOnce() -> R) -> R {
+        crate::sync::unlocked(&mut self.guard, f)
+    }
 }
 
 impl<T> Deref for UpdateGuard<'_, T> {
