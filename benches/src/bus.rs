@@ -73,12 +73,12 @@ pub struct SrcuBus<F: Flavor> {
 impl<F: Flavor> SrcuBus<F> {
     /// Registers `n` more devices starting at index `from`.
     pub fn add(&self, from: usize, n: usize) -> Vec<Arc<dyn IoDevice>> {
-        let slots = self.buses.lock_slots();
+        let mut slots = self.buses.lock_slots();
         (from..from + n)
             .map(|i| {
                 let d: Arc<dyn IoDevice> = Arc::new(Nop);
                 self.buses
-                    .register_dev(&slots, BusKind::Mmio, range(i), d.clone())
+                    .register_dev(&mut slots, BusKind::Mmio, range(i), d.clone())
                     .expect("register");
                 d
             })
@@ -228,9 +228,9 @@ pub fn register_one<F: Flavor>(
     r: IoRange,
     d: Arc<dyn IoDevice>,
 ) {
-    let slots = buses.lock_slots();
+    let mut slots = buses.lock_slots();
     buses
-        .register_dev(&slots, BusKind::Mmio, r, d)
+        .register_dev(&mut slots, BusKind::Mmio, r, d)
         .expect("register");
     if mode == RegisterMode::SyncInside {
         buses.srcu().synchronize();
@@ -257,9 +257,9 @@ pub fn register_latency<F: Flavor>(
             samples.push(time_ns(|| register_one(buses, mode, r, dd)));
             devs.push(d);
         }
-        let slots = buses.lock_slots();
+        let mut slots = buses.lock_slots();
         buses
-            .unregister_many(&slots, BusKind::Mmio, &devs)
+            .unregister_many(&mut slots, BusKind::Mmio, &devs)
             .expect("unregister_many");
     }
     Stats { samples }
@@ -270,16 +270,16 @@ pub fn register_latency<F: Flavor>(
 pub fn unregister_latency<F: Flavor>(buses: &Buses<F>, reps: usize) -> Stats {
     Stats::collect(reps, || {
         let d: Arc<dyn IoDevice> = Arc::new(Nop);
-        let slots = buses.lock_slots();
+        let mut slots = buses.lock_slots();
         buses
-            .register_dev(&slots, BusKind::Mmio, range(REG_BASE_INDEX), d.clone())
+            .register_dev(&mut slots, BusKind::Mmio, range(REG_BASE_INDEX), d.clone())
             .expect("register");
         // A device is unplugged long after it was plugged: let the deferred
         // free of the registration finish first (untimed), as it would have.
         buses.srcu().barrier();
         time_ns(|| {
             buses
-                .unregister_dev(&slots, BusKind::Mmio, &d)
+                .unregister_dev(&mut slots, BusKind::Mmio, &d)
                 .expect("unregister");
         })
     })
@@ -308,19 +308,24 @@ where
 /// before).
 pub fn unregister_many_latency<F: Flavor>(buses: &Buses<F>, n: usize, reps: usize) -> Stats {
     Stats::collect(reps, || {
-        let slots = buses.lock_slots();
+        let mut slots = buses.lock_slots();
         let devs: Vec<Arc<dyn IoDevice>> = (0..n)
             .map(|i| {
                 let d: Arc<dyn IoDevice> = Arc::new(Nop);
                 buses
-                    .register_dev(&slots, BusKind::Mmio, range(REG_BASE_INDEX + i), d.clone())
+                    .register_dev(
+                        &mut slots,
+                        BusKind::Mmio,
+                        range(REG_BASE_INDEX + i),
+                        d.clone(),
+                    )
                     .expect("register");
                 d
             })
             .collect();
         time_ns(|| {
             buses
-                .unregister_many(&slots, BusKind::Mmio, &devs)
+                .unregister_many(&mut slots, BusKind::Mmio, &devs)
                 .expect("unregister_many");
         })
     })
@@ -375,9 +380,9 @@ where
                     }
                 }
                 Startup::Many => {
-                    let slots = bus.buses.lock_slots();
+                    let mut slots = bus.buses.lock_slots();
                     bus.buses
-                        .register_many(&slots, BusKind::Mmio, devs)
+                        .register_many(&mut slots, BusKind::Mmio, devs)
                         .expect("register_many");
                 }
             })

@@ -191,7 +191,7 @@ pub struct ExitSample {
 /// The PIO bus of a VMM: the guest's port plus `others` other devices.
 pub fn pio_buses<F: Flavor>(others: usize) -> Buses<F> {
     let buses = Buses::<F>::default();
-    let slots = buses.lock_slots();
+    let mut slots = buses.lock_slots();
     let mut devs: Vec<(IoRange, Arc<dyn IoDevice>)> = vec![(
         IoRange::new(GUEST_PORT as u64, 8).expect("range"),
         Arc::new(Nop) as Arc<dyn IoDevice>,
@@ -203,7 +203,7 @@ pub fn pio_buses<F: Flavor>(others: usize) -> Buses<F> {
         )
     }));
     buses
-        .register_many(&slots, BusKind::Pio, devs)
+        .register_many(&mut slots, BusKind::Pio, devs)
         .expect("register");
     drop(slots);
     buses

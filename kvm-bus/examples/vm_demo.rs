@@ -253,12 +253,12 @@ mod demo {
 
         let buses = Buses::new();
         {
-            let slots = buses.lock_slots();
+            let mut slots = buses.lock_slots();
             let serial = Serial {
                 lines: Mutex::new(vec![Vec::new(); n]),
             };
             buses.register_dev(
-                &slots,
+                &mut slots,
                 BusKind::Pio,
                 IoRange::new(SERIAL, n as u64)?,
                 Arc::new(serial),
@@ -267,7 +267,7 @@ mod demo {
                 slots: (0..n).map(|_| AtomicU64::new(0)).collect(),
             };
             buses.register_dev(
-                &slots,
+                &mut slots,
                 BusKind::Mmio,
                 IoRange::new(MAILBOX, 8 * n as u64)?,
                 Arc::new(mailbox),
@@ -300,9 +300,9 @@ mod demo {
                     let hot = Arc::new(Hot::default());
                     let dev: Arc<dyn IoDevice> = hot.clone();
                     let (r, t) = timed(|| {
-                        let slots = buses.lock_slots();
+                        let mut slots = buses.lock_slots();
                         buses.register_dev(
-                            &slots,
+                            &mut slots,
                             BusKind::Pio,
                             IoRange::new(HOT_PORT, 4).unwrap(),
                             dev.clone(),
@@ -312,8 +312,8 @@ mod demo {
                     reg.push(t);
                     std::thread::sleep(Duration::from_micros(500));
                     let (r, t) = timed(|| {
-                        let slots = buses.lock_slots();
-                        buses.unregister_dev(&slots, BusKind::Pio, &dev)
+                        let mut slots = buses.lock_slots();
+                        buses.unregister_dev(&mut slots, BusKind::Pio, &dev)
                     });
                     r?;
                     unreg.push(t);

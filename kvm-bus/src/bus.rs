@@ -50,6 +50,10 @@ impl DevRef {
     }
 }
 
+/// What the `calling` hook of [`IoBus::read_with`] receives when no device
+/// is being called.
+pub(crate) const NOT_CALLING: usize = usize::MAX;
+
 struct Entry {
     range: IoRange,
     /// The largest `range.last()` of this entry and every one before it:
@@ -90,8 +94,8 @@ struct Entry {
 /// }
 ///
 /// let buses = Buses::new();
-/// let slots = buses.lock_slots();
-/// buses.register_dev(&slots, BusKind::Mmio, IoRange::new(0x1000, 0x100)?, Arc::new(Zero))?;
+/// let mut slots = buses.lock_slots();
+/// buses.register_dev(&mut slots, BusKind::Mmio, IoRange::new(0x1000, 0x100)?, Arc::new(Zero))?;
 /// let bus = buses.get_bus(&slots, BusKind::Mmio);
 /// assert_eq!(bus.len(), 1);
 /// let mut v = [0xff; 4];
@@ -198,10 +202,27 @@ impl IoBus {
     /// See the [type-level example](IoBus).
     #[inline]
     pub fn read(&self, addr: u64, data: &mut [u8]) -> Result<(), BusError> {
+        self.read_with(addr, data, |_| ())
+    }
+
+    /// [`read`](IoBus::read), calling `calling(i)` before entry `i`'s
+    /// device is called and `calling(NOT_CALLING)` after it returns, so a
+    /// caller that catches a panic knows which device it came from (the
+    /// exit adapter). A no-op closure compiles to plain `read`.
+    #[inline]
+    pub(crate) fn read_with(
+        &self,
+        addr: u64,
+        data: &mut [u8],
+        mut calling: impl FnMut(usize),
+    ) -> Result<(), BusError> {
         let len = data.len();
         let last = Self::check_access(addr, len)?;
-        for (_, e) in self.candidates(addr, last) {
-            if e.dev.get().read(addr, data).is_ok() {
+        for (i, e) in self.candidates(addr, last) {
+            calling(i);
+            let r = e.dev.get().read(addr, data);
+            calling(NOT_CALLING);
+            if r.is_ok() {
                 return Ok(());
             }
         }
@@ -224,8 +245,8 @@ impl IoBus {
     ///     fn write(&self, _: u64, _: &[u8]) -> Result<(), Declined> { Ok(()) }
     /// }
     /// let buses = Buses::new();
-    /// let slots = buses.lock_slots();
-    /// buses.register_dev(&slots, BusKind::Pio, IoRange::new(0x80, 1)?, Arc::new(Sink))?;
+    /// let mut slots = buses.lock_slots();
+    /// buses.register_dev(&mut slots, BusKind::Pio, IoRange::new(0x80, 1)?, Arc::new(Sink))?;
     /// let bus = buses.get_bus(&slots, BusKind::Pio);
     /// bus.write(0x80, &[1])?;
     /// assert_eq!(bus.write(0x80, &[]), Err(BusError::InvalidAccessLength { addr: 0x80, len: 0 }));
@@ -234,7 +255,23 @@ impl IoBus {
     /// ```
     #[inline]
     pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), BusError> {
-        self.write_from(usize::MAX, addr, data).map(|_| ())
+        self.write_from(usize::MAX, addr, data, |_| ()).map(|_| ())
+    }
+
+    /// [`write`](IoBus::write) with a `calling` hook, as
+    /// [`read_with`](IoBus::read_with).
+    #[inline]
+    #[cfg_attr(
+        not(all(feature = "kvm", target_os = "linux", target_arch = "x86_64")),
+        allow(dead_code)
+    )]
+    pub(crate) fn write_with(
+        &self,
+        addr: u64,
+        data: &[u8],
+        calling: impl FnMut(usize),
+    ) -> Result<(), BusError> {
+        self.write_from(usize::MAX, addr, data, calling).map(|_| ())
     }
 
     /// Like [`write`](IoBus::write), trying entry `cookie` first (Linux
@@ -260,9 +297,9 @@ impl IoBus {
     /// #     fn write(&self, _: u64, _: &[u8]) -> Result<(), Declined> { Ok(()) }
     /// # }
     /// let buses = Buses::new();
-    /// let slots = buses.lock_slots();
+    /// let mut slots = buses.lock_slots();
     /// for port in [0x60, 0x64] {
-    ///     buses.register_dev(&slots, BusKind::Pio, IoRange::new(port, 1)?, Arc::new(Sink))?;
+    ///     buses.register_dev(&mut slots, BusKind::Pio, IoRange::new(port, 1)?, Arc::new(Sink))?;
     /// }
     /// let bus = buses.get_bus(&slots, BusKind::Pio);
     /// let cookie = bus.write_cookie(usize::MAX, 0x64, &[0xfe])?;
@@ -273,27 +310,46 @@ impl IoBus {
     /// ```
     #[inline]
     pub fn write_cookie(&self, cookie: usize, addr: u64, data: &[u8]) -> Result<usize, BusError> {
-        self.write_from(cookie, addr, data)
+        self.write_from(cookie, addr, data, |_| ())
     }
 
     #[inline]
-    fn write_from(&self, cookie: usize, addr: u64, data: &[u8]) -> Result<usize, BusError> {
+    fn write_from(
+        &self,
+        cookie: usize,
+        addr: u64,
+        data: &[u8],
+        mut calling: impl FnMut(usize),
+    ) -> Result<usize, BusError> {
         let len = data.len();
         let last = Self::check_access(addr, len)?;
+        let mut try_entry = |i: usize, e: &Entry| {
+            calling(i);
+            let r = e.dev.get().write(addr, data);
+            calling(NOT_CALLING);
+            r.is_ok()
+        };
         if let Some(e) = self.entries.get(cookie) {
-            if e.range.addr() <= addr
-                && e.range.last() >= last
-                && e.dev.get().write(addr, data).is_ok()
-            {
+            if e.range.addr() <= addr && e.range.last() >= last && try_entry(cookie, e) {
                 return Ok(cookie);
             }
         }
         for (i, e) in self.candidates(addr, last) {
-            if i != cookie && e.dev.get().write(addr, data).is_ok() {
+            if i != cookie && try_entry(i, e) {
                 return Ok(i);
             }
         }
         Err(BusError::Unhandled { addr, len })
+    }
+
+    /// Entry `i`: its range and device (the exit adapter names the device
+    /// whose handler panicked with it).
+    #[cfg_attr(
+        not(all(feature = "kvm", target_os = "linux", target_arch = "x86_64")),
+        allow(dead_code)
+    )]
+    pub(crate) fn entry(&self, i: usize) -> Option<(IoRange, &Arc<dyn IoDevice>)> {
+        self.entries.get(i).map(|e| (e.range, e.dev.get()))
     }
 
     /// The first device whose range contains the byte at `addr` (Linux
@@ -309,8 +365,8 @@ impl IoBus {
     /// # }
     /// let buses = Buses::new();
     /// let dev: Arc<dyn IoDevice> = Arc::new(Sink);
-    /// let slots = buses.lock_slots();
-    /// buses.register_dev(&slots, BusKind::Mmio, IoRange::new(0xd000_0000, 0x1000)?, dev.clone())?;
+    /// let mut slots = buses.lock_slots();
+    /// buses.register_dev(&mut slots, BusKind::Mmio, IoRange::new(0xd000_0000, 0x1000)?, dev.clone())?;
     /// drop(slots);
     ///
     /// let g = buses.read_lock();
@@ -357,9 +413,9 @@ impl IoBus {
     /// #     fn write(&self, _: u64, _: &[u8]) -> Result<(), Declined> { Ok(()) }
     /// # }
     /// let buses = Buses::new();
-    /// let slots = buses.lock_slots();
+    /// let mut slots = buses.lock_slots();
     /// for port in [0x64, 0x60] {
-    ///     buses.register_dev(&slots, BusKind::Pio, IoRange::new(port, 1)?, Arc::new(Sink))?;
+    ///     buses.register_dev(&mut slots, BusKind::Pio, IoRange::new(port, 1)?, Arc::new(Sink))?;
     /// }
     /// let ports: Vec<u64> = buses.get_bus(&slots, BusKind::Pio).iter().map(|(r, _)| r.addr()).collect();
     /// assert_eq!(ports, [0x60, 0x64]);

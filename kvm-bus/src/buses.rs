@@ -7,7 +7,6 @@ use crate::error::BusError;
 use crate::kind::BusKind;
 use crate::range::IoRange;
 use crate::MAX_IO_BUS_DEVICES;
-use core::cell::RefCell;
 use core::fmt;
 use core::sync::atomic::{fence, Ordering};
 use srcu::{Classic, Fast, Flavor, ReadGuard, Srcu, SrcuCell, UpdateGuard, UpdateLock};
@@ -43,13 +42,29 @@ pub struct Buses<F: Flavor = Classic> {
 /// / drop of the `Buses` (exclusive access: no reader).
 #[derive(Default)]
 struct Registry {
-    /// `RefCell`: mutated through `&SlotsGuard`. The guard is `!Sync`
-    /// (this field makes it so), so only the lock holder's thread touches it.
-    owned: RefCell<[Vec<Arc<dyn IoDevice>>; 3]>,
+    /// Mutated only through `&mut SlotsGuard` (the update methods), which
+    /// also excludes every `&IoBus` that [`Buses::get_bus`] handed out
+    /// under the same guard.
+    owned: [Vec<Arc<dyn IoDevice>>; 3],
 }
 
 /// Proof that the slots lock of one [`Buses`] is held; from
 /// [`Buses::lock_slots`]. Unlocks on drop.
+///
+/// Inspecting ([`Buses::get_bus`]) borrows it shared; updating
+/// ([`Buses::register_dev`] and friends) borrows it mutably. So a bus or
+/// device reference obtained under the guard cannot be kept across an
+/// update made with it, which could free what it points to (the crate's
+/// `tests/ui` shows the rejected programs):
+///
+/// ```compile_fail,E0502
+/// use kvm_bus::{Buses, BusKind};
+/// let buses = Buses::new();
+/// let mut slots = buses.lock_slots();
+/// let bus = buses.get_bus(&slots, BusKind::Pio);
+/// let _ = buses.unregister_many(&mut slots, BusKind::Pio, &[]);
+/// println!("{}", bus.len());
+/// ```
 ///
 /// Which `Buses` it belongs to is checked at run time (an id compare):
 /// passing the guard of another VM's `Buses` to its update-side methods
@@ -164,7 +179,20 @@ impl<F: Flavor> Buses<F> {
     }
 
     /// Takes the slots lock, blocking while another updater holds it. The
-    /// guard is the proof the update-side methods ask for.
+    /// guard is the proof the update-side methods ask for: shared for
+    /// [`get_bus`](Buses::get_bus), mutable for the updates.
+    ///
+    /// **Deadlock risk inside a read section.** An unregister holds the
+    /// slots lock across its grace period, and that grace period waits for
+    /// every read section in progress. So a thread inside a read section
+    /// of this domain (a device handler during dispatch, or a holder of
+    /// [`read_lock`](Buses::read_lock)) that calls `lock_slots` while
+    /// another thread is unregistering waits for that thread, which waits
+    /// for it: neither returns. The unregister methods detect only the
+    /// self-wait ([`BusError::InReadSection`]); they cannot see this one.
+    /// A device handler that wants to change the buses should hand the
+    /// request to a VMM thread that is outside any section instead of
+    /// taking the lock itself.
     ///
     /// ```
     /// let buses = kvm_bus::Buses::new();
@@ -276,7 +304,7 @@ impl<F: Flavor> Buses<F> {
     /// }
     /// let mut buses = Buses::new();
     /// let dev: Arc<dyn IoDevice> = Arc::new(Sink);
-    /// buses.register_dev(&buses.lock_slots(), BusKind::Pio, IoRange::new(0x70, 2)?, dev.clone())?;
+    /// buses.register_dev(&mut buses.lock_slots(), BusKind::Pio, IoRange::new(0x70, 2)?, dev.clone())?;
     /// let devs = buses.take_devices(BusKind::Pio);
     /// assert_eq!(devs.len(), 1);
     /// assert!(buses.get_bus_for_destruction(BusKind::Pio).is_empty());
@@ -290,12 +318,16 @@ impl<F: Flavor> Buses<F> {
             .iter()
             .map(|(range, dev)| (range, dev.clone()))
             .collect();
-        let guard = self.slots.lock();
-        let empty = self.cells[kind.index()].replace(Some(IoBus::empty()), &guard);
-        // No reader exists (`&mut self`): the old table can go at once, and
-        // so can the registry's counts (the clones above now own the devices).
-        drop(empty.map(srcu::Stale::synchronize));
-        guard.owned.borrow_mut()[kind.index()].clear();
+        // No reader and no updater exists (`&mut self`; every read section
+        // of the domain borrows `self`): the old table can go at once,
+        // without a grace period (so this never waits, whatever section
+        // the calling thread may be in), and so can the registry's counts
+        // (the clones above now own the devices).
+        match self.cells[kind.index()].get_mut() {
+            Some(bus) => *bus = IoBus::empty(),
+            None => empty_cell(),
+        }
+        self.slots.lock().owned[kind.index()].clear();
         devices
     }
 
@@ -434,7 +466,9 @@ impl<F: Flavor> Buses<F> {
 
     /// Registers `dev` at `range` (Linux `kvm_io_bus_register_dev`):
     /// builds a new table with the device, publishes it, and hands the old
-    /// one to `call_srcu`. Never waits for a grace period.
+    /// one to `call_srcu`. Never waits for a grace period (but the slots
+    /// lock it needs is held by an unregister across its grace period, so
+    /// [`lock_slots`](Buses::lock_slots) may wait for one).
     ///
     /// Readers that began before the publish may still dispatch on the old
     /// table; see the [crate documentation](crate) for what is
@@ -458,7 +492,7 @@ impl<F: Flavor> Buses<F> {
     ///     fn write(&self, _: u64, _: &[u8]) -> Result<(), Declined> { Ok(()) }
     /// }
     /// let buses = Buses::new();
-    /// buses.register_dev(&buses.lock_slots(), BusKind::Pio, IoRange::new(0x80, 1)?, Arc::new(Port80))?;
+    /// buses.register_dev(&mut buses.lock_slots(), BusKind::Pio, IoRange::new(0x80, 1)?, Arc::new(Port80))?;
     /// let mut b = [0];
     /// buses.read(BusKind::Pio, 0x80, &mut b)?;
     /// assert_eq!(b, [0xff]);
@@ -466,7 +500,7 @@ impl<F: Flavor> Buses<F> {
     /// ```
     pub fn register_dev(
         &self,
-        slots: &SlotsGuard<'_>,
+        slots: &mut SlotsGuard<'_>,
         kind: BusKind,
         range: IoRange,
         dev: Arc<dyn IoDevice>,
@@ -475,7 +509,8 @@ impl<F: Flavor> Buses<F> {
     }
 
     /// Registers a batch with one publish (VM start-up): all or nothing.
-    /// An empty batch changes nothing. Never waits for a grace period.
+    /// An empty batch changes nothing. Never waits for a grace period (the
+    /// slots lock it needs may: see [`register_dev`](Buses::register_dev)).
     ///
     /// # Errors
     ///
@@ -495,17 +530,17 @@ impl<F: Flavor> Buses<F> {
     ///     fn write(&self, _: u64, _: &[u8]) -> Result<(), Declined> { Ok(()) }
     /// }
     /// let buses = Buses::with_srcu(Srcu::new(), 3);
-    /// let slots = buses.lock_slots();
+    /// let mut slots = buses.lock_slots();
     /// let batch = |n: u64| (0..n).map(|i| (IoRange::new(0x100 * i, 4).unwrap(), Arc::new(Sink) as Arc<dyn IoDevice>));
-    /// assert_eq!(buses.register_many(&slots, BusKind::Mmio, batch(4)), Err(BusError::BusFull { kind: BusKind::Mmio, max: 3 }));
+    /// assert_eq!(buses.register_many(&mut slots, BusKind::Mmio, batch(4)), Err(BusError::BusFull { kind: BusKind::Mmio, max: 3 }));
     /// assert!(buses.get_bus(&slots, BusKind::Mmio).is_empty()); // all or nothing
-    /// buses.register_many(&slots, BusKind::Mmio, batch(3))?;
+    /// buses.register_many(&mut slots, BusKind::Mmio, batch(3))?;
     /// assert_eq!(buses.get_bus(&slots, BusKind::Mmio).len(), 3);
     /// # Ok::<(), BusError>(())
     /// ```
     pub fn register_many(
         &self,
-        slots: &SlotsGuard<'_>,
+        slots: &mut SlotsGuard<'_>,
         kind: BusKind,
         devs: impl IntoIterator<Item = (IoRange, Arc<dyn IoDevice>)>,
     ) -> Result<(), BusError> {
@@ -528,8 +563,8 @@ impl<F: Flavor> Buses<F> {
         // has waited for a grace period after this table (and any later one
         // holding the device) was unpublished.
         let new_bus = unsafe { bus.with_added(&mut new) };
-        slots.guard.owned.borrow_mut()[kind.index()].extend(new.into_iter().map(|(_, d)| d));
-        let old = self.cells[kind.index()].assign(new_bus, &slots.guard);
+        slots.guard.owned[kind.index()].extend(new.into_iter().map(|(_, d)| d));
+        let old = self.cells[kind.index()].assign(new_bus, &mut slots.guard);
         // Writer half of the observation guarantee: orders the publish
         // before every store this thread makes after returning (a flag, a
         // reply to the guest), pairing with the reader's barrier in
@@ -549,13 +584,20 @@ impl<F: Flavor> Buses<F> {
     /// it (older tables still queued for their deferred free hold only
     /// non-owning pointers that nothing follows any more).
     ///
-    /// Must not be called from a device handler or inside a read section
-    /// of this domain (it would wait for itself; debug builds panic).
+    /// Called from a device handler of these buses, or anywhere else
+    /// inside a read section of their domain on the calling thread, it
+    /// would wait for a grace period that waits for the caller itself:
+    /// it returns [`BusError::InReadSection`] instead, checked before
+    /// anything changes (release and debug builds alike). See
+    /// [`lock_slots`](Buses::lock_slots) for the deadlock a handler risks
+    /// by taking the slots lock at all.
     ///
     /// # Errors
     ///
-    /// [`BusError::NotRegistered`] if `dev` is not on the bus; the bus is
-    /// unchanged and nothing waits.
+    /// [`BusError::InReadSection`] if the calling thread is inside a read
+    /// section of [`srcu()`](Buses::srcu) ([`Srcu::in_read_section`]);
+    /// [`BusError::NotRegistered`] if `dev` is not on the bus. Either way
+    /// the bus is unchanged and nothing waits.
     ///
     /// # Panics
     ///
@@ -571,17 +613,17 @@ impl<F: Flavor> Buses<F> {
     /// }
     /// let buses = Buses::new();
     /// let dev: Arc<dyn IoDevice> = Arc::new(Sink);
-    /// let slots = buses.lock_slots();
-    /// buses.register_dev(&slots, BusKind::Pio, IoRange::new(0x60, 1)?, dev.clone())?;
-    /// buses.register_dev(&slots, BusKind::Pio, IoRange::new(0x64, 1)?, dev.clone())?;
-    /// buses.unregister_dev(&slots, BusKind::Pio, &dev)?;
+    /// let mut slots = buses.lock_slots();
+    /// buses.register_dev(&mut slots, BusKind::Pio, IoRange::new(0x60, 1)?, dev.clone())?;
+    /// buses.register_dev(&mut slots, BusKind::Pio, IoRange::new(0x64, 1)?, dev.clone())?;
+    /// buses.unregister_dev(&mut slots, BusKind::Pio, &dev)?;
     /// assert_eq!(Arc::strong_count(&dev), 1); // the buses let go of it
-    /// assert_eq!(buses.unregister_dev(&slots, BusKind::Pio, &dev), Err(BusError::NotRegistered { kind: BusKind::Pio }));
+    /// assert_eq!(buses.unregister_dev(&mut slots, BusKind::Pio, &dev), Err(BusError::NotRegistered { kind: BusKind::Pio }));
     /// # Ok::<(), BusError>(())
     /// ```
     pub fn unregister_dev(
         &self,
-        slots: &SlotsGuard<'_>,
+        slots: &mut SlotsGuard<'_>,
         kind: BusKind,
         dev: &Arc<dyn IoDevice>,
     ) -> Result<(), BusError> {
@@ -596,10 +638,16 @@ impl<F: Flavor> Buses<F> {
     /// tables still queued for their deferred free hold only non-owning
     /// pointers, and no reader can reach them any more.
     ///
+    /// Inside a read section of this domain it fails as
+    /// [`unregister_dev`](Buses::unregister_dev) does, even for an empty
+    /// batch.
+    ///
     /// # Errors
     ///
-    /// [`BusError::NotRegistered`] if any of `devs` is not on the bus; the
-    /// bus is unchanged and nothing waits.
+    /// [`BusError::InReadSection`] if the calling thread is inside a read
+    /// section of [`srcu()`](Buses::srcu); [`BusError::NotRegistered`] if
+    /// any of `devs` is not on the bus. Either way the bus is unchanged and
+    /// nothing waits.
     ///
     /// # Panics
     ///
@@ -614,24 +662,30 @@ impl<F: Flavor> Buses<F> {
     ///     fn write(&self, _: u64, _: &[u8]) -> Result<(), Declined> { Ok(()) }
     /// }
     /// let buses = Buses::new();
-    /// let slots = buses.lock_slots();
+    /// let mut slots = buses.lock_slots();
     /// let bells: Vec<Arc<dyn IoDevice>> = (0..200).map(|_| Arc::new(Doorbell) as _).collect();
-    /// buses.register_many(&slots, BusKind::FastMmio, bells.iter().enumerate().map(|(i, d)| {
+    /// buses.register_many(&mut slots, BusKind::FastMmio, bells.iter().enumerate().map(|(i, d)| {
     ///     (IoRange::new(0xfe00_0000 + 4 * i as u64, 4).unwrap(), d.clone())
     /// }))?;
     /// let before = buses.srcu().completed_grace_periods();
-    /// buses.unregister_many(&slots, BusKind::FastMmio, &bells)?;
+    /// buses.unregister_many(&mut slots, BusKind::FastMmio, &bells)?;
     /// assert!(buses.get_bus(&slots, BusKind::FastMmio).is_empty());
     /// assert!(buses.srcu().completed_grace_periods() - before < 10); // not 200
     /// # Ok::<(), BusError>(())
     /// ```
     pub fn unregister_many(
         &self,
-        slots: &SlotsGuard<'_>,
+        slots: &mut SlotsGuard<'_>,
         kind: BusKind,
         devs: &[Arc<dyn IoDevice>],
     ) -> Result<(), BusError> {
         self.check(slots);
+        // Before anything changes: the grace period below would wait for
+        // the caller's own section (Stale::synchronize* panics then; before
+        // it checked, this published the new table and then hung).
+        if self.srcu.in_read_section() {
+            return Err(BusError::InReadSection { kind });
+        }
         if devs.is_empty() {
             return Ok(());
         }
@@ -646,7 +700,7 @@ impl<F: Flavor> Buses<F> {
         }
         let is_gone = |d: &Arc<dyn IoDevice>| gone.binary_search(&dev_addr(d)).is_ok();
         let new_bus = bus.without(is_gone);
-        let old = self.cells[kind.index()].assign(new_bus, &slots.guard);
+        let old = self.cells[kind.index()].assign(new_bus, &mut slots.guard);
         // One grace period: every table that holds `devs` (this one and
         // older ones still queued for their deferred free) was unpublished
         // before it began, so afterwards no reader can reach them...
@@ -655,7 +709,7 @@ impl<F: Flavor> Buses<F> {
         drop(old.map(srcu::Stale::synchronize_expedited));
         // ...and the registry may let go of the devices. (The queued old
         // tables only hold non-owning pointers they never follow again.)
-        slots.guard.owned.borrow_mut()[kind.index()].retain(|d| !is_gone(d));
+        slots.guard.owned[kind.index()].retain(|d| !is_gone(d));
         Ok(())
     }
 }

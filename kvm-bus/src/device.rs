@@ -19,11 +19,17 @@ pub struct Declined;
 /// range the device was registered with; `data.len()` is 1 to
 /// [`MAX_ACCESS_LEN`](crate::MAX_ACCESS_LEN).
 ///
-/// A handler runs inside an SRCU read section: it may block, but it must
-/// not register or unregister devices of the same [`Buses`](crate::Buses)
-/// (unregistering waits for the section the handler is running in).
+/// A handler runs inside an SRCU read section: it may block, but it
+/// should not register or unregister devices of the same
+/// [`Buses`](crate::Buses). Unregistering would wait for the section the
+/// handler is running in, so it returns
+/// [`BusError::InReadSection`](crate::BusError::InReadSection) instead and
+/// changes nothing; and merely taking the slots lock can deadlock with an
+/// unregister on another thread (see
+/// [`Buses::lock_slots`](crate::Buses::lock_slots)).
 /// A handler that panics ends the read section during unwinding and
-/// leaves the bus usable.
+/// leaves the bus usable; the vCPU-exit adapter (`kvm_bus::kvm::run_vcpu`)
+/// catches the panic and reports it to its caller as a value.
 ///
 /// Several devices may cover one address (as in Linux, several ioeventfd
 /// doorbells with different data matches): a device that returns

@@ -42,6 +42,18 @@ pub enum BusError {
         /// The bus.
         kind: BusKind,
     },
+    /// Unregistering from inside a read section of the buses' own SRCU
+    /// domain: from a device handler during dispatch, or while the calling
+    /// thread holds a [`ReadGuard`](crate::ReadGuard) of
+    /// [`Buses::srcu`](crate::Buses::srcu). Unregistering waits for a grace
+    /// period, which would wait for that very section, forever. Nothing
+    /// changed: the device is still registered and still dispatched to.
+    /// Unregister from a thread outside the section (e.g. hand the request
+    /// to a VMM thread).
+    InReadSection {
+        /// The bus.
+        kind: BusKind,
+    },
     /// An access of length 0 or longer than
     /// [`MAX_ACCESS_LEN`](crate::MAX_ACCESS_LEN) bytes.
     InvalidAccessLength {
@@ -76,6 +88,12 @@ impl fmt::Display for BusError {
             BusError::NotRegistered { kind } => {
                 write!(f, "device is not registered on the {kind} bus")
             }
+            BusError::InReadSection { kind } => write!(
+                f,
+                "cannot unregister from the {kind} bus inside a read section of its own SRCU \
+                 domain (e.g. from a device handler): the grace period would wait for the caller \
+                 itself; nothing was changed"
+            ),
             BusError::InvalidAccessLength { addr, len } => write!(
                 f,
                 "invalid access length {len} at {addr:#x} (must be 1 to {} bytes)",
@@ -111,6 +129,10 @@ mod tests {
                     kind: BusKind::FastMmio,
                 },
                 "fast MMIO",
+            ),
+            (
+                BusError::InReadSection { kind: BusKind::Pio },
+                "wait for the caller itself",
             ),
             (
                 BusError::InvalidAccessLength { addr: 0x30, len: 9 },

@@ -61,7 +61,9 @@
 //! The compiler enforces the first two (the crate's `tests/ui` shows the
 //! rejected programs): `get_bus` without a `SlotsGuard`, or with a
 //! `ReadGuard` in its place, does not compile, and neither does keeping a
-//! bus reference past its guard.
+//! bus reference past its guard, nor keeping a bus or device reference from
+//! `get_bus` across an update made with the same guard (updates borrow the
+//! guard mutably).
 //!
 //! # The guarantees
 //!
@@ -89,8 +91,8 @@
 //! let guest_memory_flag = AtomicBool::new(false);
 //! std::thread::scope(|s| {
 //!     s.spawn(|| {
-//!         let slots = buses.lock_slots();
-//!         buses.register_dev(&slots, BusKind::Pio, IoRange::new(0x3f8, 8).unwrap(), Arc::new(Uart)).unwrap();
+//!         let mut slots = buses.lock_slots();
+//!         buses.register_dev(&mut slots, BusKind::Pio, IoRange::new(0x3f8, 8).unwrap(), Arc::new(Uart)).unwrap();
 //!         guest_memory_flag.store(true, Relaxed); // e.g. the guest is told
 //!     });
 //!     s.spawn(|| {
@@ -106,13 +108,17 @@
 //!
 //! **Registration never waits** for a grace period: the old table goes to
 //! `call_srcu` (in the kernel that wait was about a quarter of VM start-up
-//! time). [`Buses::register_many`] publishes a whole batch at once.
+//! time). It does wait for the slots lock ([`Buses::lock_slots`]), which
+//! an unregister holds across its grace period.
+//! [`Buses::register_many`] publishes a whole batch at once.
 //!
 //! **Unregistration is final**: [`Buses::unregister_dev`] publishes the
 //! table without the device and waits for a grace period before
 //! returning; afterwards the device is never called again and the buses
 //! hold no reference to it. [`Buses::unregister_many`] waits once for a
-//! whole batch.
+//! whole batch. Called inside a read section of the same domain (from a
+//! device handler, say), where that wait could never end, both return
+//! [`BusError::InReadSection`] and change nothing.
 //!
 //! **Bad input changes nothing**: every update-side error returns a
 //! [`BusError`] and leaves the published bus as it was; dispatch never

@@ -70,7 +70,7 @@ fn kinds_are_independent() {
     let buses = Buses::new();
     let (p, _) = Probe::new();
     buses
-        .register_dev(&buses.lock_slots(), BusKind::Pio, r(0x60, 1), dynp(&p))
+        .register_dev(&mut buses.lock_slots(), BusKind::Pio, r(0x60, 1), dynp(&p))
         .unwrap();
     assert!(buses.write(BusKind::Pio, 0x60, &[1]).is_ok());
     assert_eq!(
@@ -89,20 +89,22 @@ fn unregister_drops_every_reference_before_returning() {
         let (other, _) = Probe::new();
         let dev = dynp(&p);
         drop(p);
-        let slots = buses.lock_slots();
+        let mut slots = buses.lock_slots();
         // Several registrations: each hands an old table (with a pointer
         // to `dev`) to call_srcu; those must not keep `dev` alive.
         buses
-            .register_dev(&slots, BusKind::Mmio, r(0x1000, 8), dev.clone())
+            .register_dev(&mut slots, BusKind::Mmio, r(0x1000, 8), dev.clone())
             .unwrap();
         buses
-            .register_dev(&slots, BusKind::Mmio, r(0x2000, 8), dynp(&other))
+            .register_dev(&mut slots, BusKind::Mmio, r(0x2000, 8), dynp(&other))
             .unwrap();
         buses
-            .register_dev(&slots, BusKind::Mmio, r(0x3000, 8), dev.clone())
+            .register_dev(&mut slots, BusKind::Mmio, r(0x3000, 8), dev.clone())
             .unwrap();
         assert!(Arc::strong_count(&dev) > 1);
-        buses.unregister_dev(&slots, BusKind::Mmio, &dev).unwrap();
+        buses
+            .unregister_dev(&mut slots, BusKind::Mmio, &dev)
+            .unwrap();
         assert_eq!(Arc::strong_count(&dev), 1, "buses still hold the device");
         assert!(!dropped.load(SeqCst));
         drop(dev);
@@ -117,12 +119,12 @@ fn unregister_drops_every_reference_before_returning() {
 #[test]
 fn unregister_many_one_grace_period_and_all_or_nothing() {
     let buses = Buses::new();
-    let slots = buses.lock_slots();
+    let mut slots = buses.lock_slots();
     let probes: Vec<_> = (0..50).map(|_| Probe::new().0).collect();
     let devs: Vec<Arc<dyn IoDevice>> = probes.iter().map(dynp).collect();
     buses
         .register_many(
-            &slots,
+            &mut slots,
             BusKind::FastMmio,
             devs.iter()
                 .enumerate()
@@ -138,7 +140,7 @@ fn unregister_many_one_grace_period_and_all_or_nothing() {
     let before = bus_ptr_locked(&buses, &slots);
     let gps = buses.srcu().completed_grace_periods();
     assert_eq!(
-        buses.unregister_many(&slots, BusKind::FastMmio, &with_stranger),
+        buses.unregister_many(&mut slots, BusKind::FastMmio, &with_stranger),
         Err(BusError::NotRegistered {
             kind: BusKind::FastMmio
         })
@@ -148,7 +150,7 @@ fn unregister_many_one_grace_period_and_all_or_nothing() {
 
     // Empty batch: nothing.
     buses
-        .unregister_many(&slots, BusKind::FastMmio, &[])
+        .unregister_many(&mut slots, BusKind::FastMmio, &[])
         .unwrap();
     assert_eq!(bus_ptr_locked(&buses, &slots), before);
 
@@ -156,7 +158,7 @@ fn unregister_many_one_grace_period_and_all_or_nothing() {
     let mut batch = devs[..40].to_vec();
     batch.push(devs[0].clone());
     buses
-        .unregister_many(&slots, BusKind::FastMmio, &batch)
+        .unregister_many(&mut slots, BusKind::FastMmio, &batch)
         .unwrap();
     let spent = buses.srcu().completed_grace_periods() - gps;
     assert!(spent <= 4, "{spent} grace periods for one batch");
@@ -179,9 +181,9 @@ fn errors_leave_the_published_bus_untouched() {
     let (b, _) = Probe::new();
     let (c, _) = Probe::new();
     {
-        let slots = buses.lock_slots();
+        let mut slots = buses.lock_slots();
         buses
-            .register_dev(&slots, BusKind::Pio, r(0x70, 2), dynp(&a))
+            .register_dev(&mut slots, BusKind::Pio, r(0x70, 2), dynp(&a))
             .unwrap();
     }
     let before = bus_ptr(&buses, BusKind::Pio);
@@ -200,11 +202,11 @@ fn errors_leave_the_published_bus_untouched() {
     );
 
     {
-        let slots = buses.lock_slots();
+        let mut slots = buses.lock_slots();
         // Full (cap 2): a batch of two does not fit next to `a`.
         assert_eq!(
             buses.register_many(
-                &slots,
+                &mut slots,
                 BusKind::Pio,
                 [(r(0x80, 1), dynp(&b)), (r(0x81, 1), dynp(&c))]
             ),
@@ -216,12 +218,12 @@ fn errors_leave_the_published_bus_untouched() {
         assert_eq!(buses.get_bus(&slots, BusKind::Pio) as *const IoBus, before);
         // Unknown device.
         assert_eq!(
-            buses.unregister_dev(&slots, BusKind::Pio, &dynp(&b)),
+            buses.unregister_dev(&mut slots, BusKind::Pio, &dynp(&b)),
             Err(BusError::NotRegistered { kind: BusKind::Pio })
         );
         // Registered, but on another bus.
         assert_eq!(
-            buses.unregister_dev(&slots, BusKind::Mmio, &dynp(&a)),
+            buses.unregister_dev(&mut slots, BusKind::Mmio, &dynp(&a)),
             Err(BusError::NotRegistered {
                 kind: BusKind::Mmio
             })
@@ -229,7 +231,7 @@ fn errors_leave_the_published_bus_untouched() {
         assert_eq!(buses.get_bus(&slots, BusKind::Pio) as *const IoBus, before);
         // Empty batch: no publish.
         buses
-            .register_many(&slots, BusKind::Pio, std::iter::empty())
+            .register_many(&mut slots, BusKind::Pio, std::iter::empty())
             .unwrap();
         assert_eq!(buses.get_bus(&slots, BusKind::Pio) as *const IoBus, before);
     }
@@ -259,7 +261,7 @@ fn errors_leave_the_published_bus_untouched() {
 
     // A successful update does publish a new bus.
     buses
-        .register_dev(&buses.lock_slots(), BusKind::Pio, r(0x80, 1), dynp(&b))
+        .register_dev(&mut buses.lock_slots(), BusKind::Pio, r(0x80, 1), dynp(&b))
         .unwrap();
     assert_ne!(bus_ptr(&buses, BusKind::Pio), before);
 }
@@ -267,17 +269,17 @@ fn errors_leave_the_published_bus_untouched() {
 #[test]
 fn default_cap_is_enforced() {
     let buses: Buses<Fast> = Buses::default();
-    let slots = buses.lock_slots();
+    let mut slots = buses.lock_slots();
     let (p, _) = Probe::new();
     buses
         .register_many(
-            &slots,
+            &mut slots,
             BusKind::Mmio,
             (0..MAX_IO_BUS_DEVICES as u64).map(|i| (r(i * 8, 8), dynp(&p))),
         )
         .unwrap();
     assert_eq!(
-        buses.register_dev(&slots, BusKind::Mmio, r(0xffff_0000, 1), dynp(&p)),
+        buses.register_dev(&mut slots, BusKind::Mmio, r(0xffff_0000, 1), dynp(&p)),
         Err(BusError::BusFull {
             kind: BusKind::Mmio,
             max: MAX_IO_BUS_DEVICES
@@ -295,7 +297,7 @@ fn zero_cap_bus_rejects_everything() {
     let buses = Buses::with_srcu(Srcu::new(), 0);
     let (p, _) = Probe::new();
     assert_eq!(
-        buses.register_dev(&buses.lock_slots(), BusKind::Pio, r(0, 1), dynp(&p)),
+        buses.register_dev(&mut buses.lock_slots(), BusKind::Pio, r(0, 1), dynp(&p)),
         Err(BusError::BusFull {
             kind: BusKind::Pio,
             max: 0
@@ -308,16 +310,18 @@ fn device_registered_at_several_ranges_and_buses() {
     let buses = Buses::new();
     let (p, _) = Probe::new();
     let dev = dynp(&p);
-    let slots = buses.lock_slots();
+    let mut slots = buses.lock_slots();
     for kind in [BusKind::Mmio, BusKind::Pio] {
         buses
-            .register_dev(&slots, kind, r(0x10, 4), dev.clone())
+            .register_dev(&mut slots, kind, r(0x10, 4), dev.clone())
             .unwrap();
         buses
-            .register_dev(&slots, kind, r(0x20, 4), dev.clone())
+            .register_dev(&mut slots, kind, r(0x20, 4), dev.clone())
             .unwrap();
     }
-    buses.unregister_dev(&slots, BusKind::Mmio, &dev).unwrap();
+    buses
+        .unregister_dev(&mut slots, BusKind::Mmio, &dev)
+        .unwrap();
     assert!(buses.get_bus(&slots, BusKind::Mmio).is_empty());
     assert_eq!(buses.get_bus(&slots, BusKind::Pio).len(), 2);
     assert_eq!(Arc::strong_count(&dev), 4); // p, dev, two PIO entries
@@ -328,7 +332,12 @@ fn read_srcu_write_srcu_get_dev_write_cookie() {
     let buses = Buses::new_fast();
     let (p, _) = Probe::new();
     buses
-        .register_dev(&buses.lock_slots(), BusKind::Mmio, r(0x100, 0x10), dynp(&p))
+        .register_dev(
+            &mut buses.lock_slots(),
+            BusKind::Mmio,
+            r(0x100, 0x10),
+            dynp(&p),
+        )
         .unwrap();
     let g = buses.read_lock();
     let mut v = [0u8; 4];
@@ -347,7 +356,7 @@ fn read_srcu_write_srcu_get_dev_write_cookie() {
 fn foreign_slots_guard_panics() {
     let vm1 = Buses::new();
     let vm2 = Buses::new();
-    let slots2 = vm2.lock_slots();
+    let mut slots2 = vm2.lock_slots();
     let err = catch_unwind(AssertUnwindSafe(|| {
         vm1.get_bus(&slots2, BusKind::Mmio);
     }))
@@ -356,7 +365,7 @@ fn foreign_slots_guard_panics() {
     assert!(msg.contains("another Buses"), "{msg}");
     let (p, _) = Probe::new();
     assert!(catch_unwind(AssertUnwindSafe(|| {
-        let _ = vm1.register_dev(&slots2, BusKind::Mmio, r(0, 1), dynp(&p));
+        let _ = vm1.register_dev(&mut slots2, BusKind::Mmio, r(0, 1), dynp(&p));
     }))
     .is_err());
     drop(slots2);
@@ -394,12 +403,12 @@ fn panicking_handler<F: Flavor>(buses: Buses<F>) {
     let bomb: Arc<dyn IoDevice> = Arc::new(Bomb);
     let (p, _) = Probe::new();
     {
-        let slots = buses.lock_slots();
+        let mut slots = buses.lock_slots();
         buses
-            .register_dev(&slots, BusKind::Mmio, r(0x1000, 4), bomb.clone())
+            .register_dev(&mut slots, BusKind::Mmio, r(0x1000, 4), bomb.clone())
             .unwrap();
         buses
-            .register_dev(&slots, BusKind::Mmio, r(0x2000, 4), dynp(&p))
+            .register_dev(&mut slots, BusKind::Mmio, r(0x2000, 4), dynp(&p))
             .unwrap();
     }
     for _ in 0..3 {
@@ -415,16 +424,275 @@ fn panicking_handler<F: Flavor>(buses: Buses<F>) {
         }))
         .is_err());
     }
-    // The read sections ended during unwinding.
+    // The read sections ended during unwinding, and this thread's record
+    // of being in one too (or unregister below would refuse with
+    // InReadSection).
     assert_eq!(buses.srcu().readers(), 0);
-    // Still usable, and unregister (which waits for readers) returns.
+    assert!(!buses.srcu().in_read_section());
+    // Still usable, and unregister (which waits for readers) returns, on
+    // this very thread and promptly.
     buses.write(BusKind::Mmio, 0x2000, &[1]).unwrap();
-    let slots = buses.lock_slots();
-    buses.unregister_dev(&slots, BusKind::Mmio, &bomb).unwrap();
+    let mut slots = buses.lock_slots();
+    let t = std::time::Instant::now();
+    buses
+        .unregister_dev(&mut slots, BusKind::Mmio, &bomb)
+        .unwrap();
+    let took = t.elapsed();
+    assert!(
+        took < std::time::Duration::from_secs(5),
+        "unregister took {took:?}"
+    );
     assert_eq!(Arc::strong_count(&bomb), 1);
     drop(slots);
     assert!(buses.write(BusKind::Mmio, 0x1000, &[1]).is_err());
     assert_eq!(p.calls.load(SeqCst), 1);
+}
+
+/// A handler panic on another thread (a vCPU thread that dies) also ends
+/// its section: an unregister of the device from this thread returns
+/// (checked with a deadline, so a leaked section fails the test instead of
+/// hanging it).
+fn panicking_handler_on_another_thread<F: Flavor>(buses: Buses<F>) {
+    let buses = Arc::new(buses);
+    let bomb: Arc<dyn IoDevice> = Arc::new(Bomb);
+    buses
+        .register_dev(
+            &mut buses.lock_slots(),
+            BusKind::Pio,
+            r(0x80, 1),
+            bomb.clone(),
+        )
+        .unwrap();
+    let vcpu = {
+        let buses = buses.clone();
+        std::thread::spawn(move || buses.write(BusKind::Pio, 0x80, &[1]))
+    };
+    assert!(vcpu.join().is_err(), "the handler panicked");
+    assert_eq!(buses.srcu().readers(), 0);
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    {
+        let (buses, bomb) = (buses.clone(), bomb.clone());
+        std::thread::spawn(move || {
+            let r = buses.unregister_dev(&mut buses.lock_slots(), BusKind::Pio, &bomb);
+            let _ = done_tx.send(r);
+        });
+    }
+    let r = done_rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("unregister_dev did not return within 10 s after a handler panic");
+    assert_eq!(r, Ok(()));
+    assert_eq!(
+        buses.write(BusKind::Pio, 0x80, &[1]),
+        Err(BusError::Unhandled { addr: 0x80, len: 1 })
+    );
+}
+
+#[test]
+fn panicking_handler_on_another_thread_classic() {
+    panicking_handler_on_another_thread(Buses::new());
+}
+
+#[test]
+fn panicking_handler_on_another_thread_fast() {
+    panicking_handler_on_another_thread(Buses::new_fast());
+}
+
+/// A device whose write handler tries to unregister itself from the
+/// buses it is on (a reference it holds), the way a device model might
+/// on a guest "eject" command. It records what each attempt returned.
+struct SelfRemover<F: Flavor> {
+    buses: std::sync::OnceLock<std::sync::Weak<Buses<F>>>,
+    me: std::sync::OnceLock<std::sync::Weak<dyn IoDevice>>,
+    calls: AtomicUsize,
+    results: std::sync::Mutex<Vec<Result<(), BusError>>>,
+}
+
+impl<F: Flavor> IoDevice for SelfRemover<F> {
+    fn read(&self, _: u64, data: &mut [u8]) -> Result<(), Declined> {
+        data.fill(0x5a);
+        Ok(())
+    }
+    fn write(&self, _: u64, _: &[u8]) -> Result<(), Declined> {
+        self.calls.fetch_add(1, SeqCst);
+        let buses = self.buses.get().unwrap().upgrade().unwrap();
+        let me = self.me.get().unwrap().upgrade().unwrap();
+        // Inside the dispatch's read section: every unregister must refuse
+        // before changing anything (no other thread is unregistering, so
+        // taking the slots lock here cannot deadlock; see lock_slots).
+        let mut slots = buses.lock_slots();
+        let mut results = self.results.lock().unwrap();
+        results.push(buses.unregister_dev(&mut slots, BusKind::Pio, &me));
+        results.push(buses.unregister_many(&mut slots, BusKind::Pio, std::slice::from_ref(&me)));
+        results.push(buses.unregister_many(&mut slots, BusKind::Pio, &[]));
+        Ok(())
+    }
+}
+
+fn unregister_from_own_handler_is_refused<F: Flavor>(buses: Buses<F>) {
+    let buses = Arc::new(buses);
+    let remover = Arc::new(SelfRemover::<F> {
+        buses: Default::default(),
+        me: Default::default(),
+        calls: AtomicUsize::new(0),
+        results: Default::default(),
+    });
+    let dev: Arc<dyn IoDevice> = remover.clone();
+    remover.buses.set(Arc::downgrade(&buses)).unwrap();
+    remover.me.set(Arc::downgrade(&dev)).unwrap();
+    buses
+        .register_dev(
+            &mut buses.lock_slots(),
+            BusKind::Pio,
+            r(0x80, 1),
+            dev.clone(),
+        )
+        .unwrap();
+    // Let the registration's deferred free finish, so that any grace
+    // period from here on would be the unregister's.
+    buses.srcu().barrier();
+    let before = buses.get_bus(&buses.lock_slots(), BusKind::Pio) as *const IoBus;
+    let gps = buses.srcu().completed_grace_periods();
+    let refused = Err(BusError::InReadSection { kind: BusKind::Pio });
+
+    for round in 1..=3 {
+        // The handler runs (and returns: no hang, no panic) ...
+        assert_eq!(
+            buses.write(BusKind::Pio, 0x80, &[1]),
+            Ok(()),
+            "round {round}"
+        );
+        assert_eq!(remover.calls.load(SeqCst), round);
+        assert_eq!(*remover.results.lock().unwrap(), vec![refused; 3 * round]);
+        // ... and nothing changed: same table, no grace period, still
+        // registered and dispatched to (the next round shows it).
+        assert_eq!(
+            buses.get_bus(&buses.lock_slots(), BusKind::Pio) as *const IoBus,
+            before
+        );
+        assert_eq!(buses.srcu().completed_grace_periods(), gps);
+        assert!(Arc::ptr_eq(
+            &buses.get_dev(BusKind::Pio, 0x80).unwrap(),
+            &dev
+        ));
+        let mut b = [0];
+        buses.read(BusKind::Pio, 0x80, &mut b).unwrap();
+        assert_eq!(b, [0x5a]);
+        assert_eq!(buses.srcu().readers(), 0);
+    }
+    // Outside any section it works.
+    buses
+        .unregister_dev(&mut buses.lock_slots(), BusKind::Pio, &dev)
+        .unwrap();
+    assert!(buses.get_dev(BusKind::Pio, 0x80).is_none());
+    assert_eq!(Arc::strong_count(&dev), 2); // `dev` and `remover`
+}
+
+#[test]
+fn unregister_from_own_handler_is_refused_classic() {
+    unregister_from_own_handler_is_refused(Buses::new());
+}
+
+#[test]
+fn unregister_from_own_handler_is_refused_fast() {
+    unregister_from_own_handler_is_refused(Buses::new_fast());
+}
+
+fn unregister_holding_read_lock_is_refused<F: Flavor>(buses: Buses<F>) {
+    let (p, _) = Probe::new();
+    let dev = dynp(&p);
+    let (q, _) = Probe::new();
+    let other = dynp(&q);
+    {
+        let mut slots = buses.lock_slots();
+        buses
+            .register_dev(&mut slots, BusKind::Mmio, r(0x1000, 8), dev.clone())
+            .unwrap();
+        buses
+            .register_dev(&mut slots, BusKind::Mmio, r(0x2000, 8), other.clone())
+            .unwrap();
+    }
+    buses.srcu().barrier();
+    let refused = Err(BusError::InReadSection {
+        kind: BusKind::Mmio,
+    });
+    let before = buses.get_bus(&buses.lock_slots(), BusKind::Mmio) as *const IoBus;
+    let gps = buses.srcu().completed_grace_periods();
+    {
+        let guard = buses.read_lock();
+        assert!(buses.srcu().in_read_section());
+        let mut slots = buses.lock_slots();
+        assert_eq!(
+            buses.unregister_dev(&mut slots, BusKind::Mmio, &dev),
+            refused
+        );
+        assert_eq!(
+            buses.unregister_many(&mut slots, BusKind::Mmio, &[dev.clone(), other.clone()]),
+            refused
+        );
+        assert_eq!(
+            buses.unregister_many(&mut slots, BusKind::Mmio, &[]),
+            refused
+        );
+        // Checked first: an unknown device gets the same answer.
+        let (stranger, _) = Probe::new();
+        assert_eq!(
+            buses.unregister_dev(&mut slots, BusKind::Mmio, &dynp(&stranger)),
+            refused
+        );
+        assert_eq!(buses.get_bus(&slots, BusKind::Mmio) as *const IoBus, before);
+        // Registering does not wait for a grace period: allowed here.
+        buses
+            .register_dev(&mut slots, BusKind::Pio, r(0x60, 1), dynp(&stranger))
+            .unwrap();
+        drop(slots);
+        // Still dispatched to, in the held section and in a nested one.
+        buses
+            .write_srcu(&guard, BusKind::Mmio, 0x1000, &[1])
+            .unwrap();
+        buses.write(BusKind::Mmio, 0x2004, &[1]).unwrap();
+        drop(guard);
+    }
+    assert_eq!(buses.srcu().completed_grace_periods(), gps);
+    assert_eq!(p.calls.load(SeqCst), 1);
+    assert_eq!(q.calls.load(SeqCst), 1);
+    assert!(!buses.srcu().in_read_section());
+
+    // A section handed to another thread counts there, once adopted.
+    std::thread::scope(|s| {
+        let sendable = buses.read_lock().into_sendable();
+        assert!(!buses.srcu().in_read_section());
+        s.spawn(|| {
+            let guard = sendable.adopt();
+            assert_eq!(
+                buses.unregister_dev(&mut buses.lock_slots(), BusKind::Mmio, &dev),
+                refused
+            );
+            drop(guard);
+        })
+        .join()
+        .unwrap();
+    });
+
+    // Section over: unregister works and waits as usual.
+    buses
+        .unregister_many(
+            &mut buses.lock_slots(),
+            BusKind::Mmio,
+            &[dev.clone(), other],
+        )
+        .unwrap();
+    assert_eq!(Arc::strong_count(&dev), 2); // `p` and `dev`
+    assert!(buses.write(BusKind::Mmio, 0x1000, &[1]).is_err());
+}
+
+#[test]
+fn unregister_holding_read_lock_is_refused_classic() {
+    unregister_holding_read_lock_is_refused(Buses::new());
+}
+
+#[test]
+fn unregister_holding_read_lock_is_refused_fast() {
+    unregister_holding_read_lock_is_refused(Buses::new_fast());
 }
 
 #[test]
@@ -442,10 +710,10 @@ fn destruction_takes_every_device() {
     let mut buses = Buses::new();
     let (p, dropped) = Probe::new();
     {
-        let slots = buses.lock_slots();
+        let mut slots = buses.lock_slots();
         for kind in BusKind::ALL {
             buses
-                .register_dev(&slots, kind, r(0x40, 4), dynp(&p))
+                .register_dev(&mut slots, kind, r(0x40, 4), dynp(&p))
                 .unwrap();
         }
     }
@@ -466,12 +734,12 @@ fn dropping_buses_frees_devices() {
     let (p, dropped) = Probe::new();
     {
         let buses = Buses::new_fast();
-        let slots = buses.lock_slots();
+        let mut slots = buses.lock_slots();
         buses
-            .register_dev(&slots, BusKind::Pio, r(0x40, 4), dynp(&p))
+            .register_dev(&mut slots, BusKind::Pio, r(0x40, 4), dynp(&p))
             .unwrap();
         buses
-            .register_dev(&slots, BusKind::Pio, r(0x50, 4), dynp(&p))
+            .register_dev(&mut slots, BusKind::Pio, r(0x50, 4), dynp(&p))
             .unwrap();
     }
     drop(p);
@@ -513,17 +781,17 @@ fn unregister_waits_for_handler<F: Flavor>(buses: Buses<F>) {
     let dev: Arc<dyn IoDevice> = gate.clone();
     let (dummy, _) = Probe::new();
     {
-        let slots = buses.lock_slots();
+        let mut slots = buses.lock_slots();
         buses
-            .register_dev(&slots, BusKind::Mmio, r(0x100, 4), dev.clone())
+            .register_dev(&mut slots, BusKind::Mmio, r(0x100, 4), dev.clone())
             .unwrap();
         // Churn the bus first so old tables are queued for their deferred
         // free: unregister's own grace period is still what must wait.
         buses
-            .register_dev(&slots, BusKind::Mmio, r(0x200, 4), dynp(&dummy))
+            .register_dev(&mut slots, BusKind::Mmio, r(0x200, 4), dynp(&dummy))
             .unwrap();
         buses
-            .unregister_dev(&slots, BusKind::Mmio, &dynp(&dummy))
+            .unregister_dev(&mut slots, BusKind::Mmio, &dynp(&dummy))
             .unwrap();
     }
     std::thread::scope(|s| {
@@ -531,7 +799,7 @@ fn unregister_waits_for_handler<F: Flavor>(buses: Buses<F>) {
         entered_rx.recv().unwrap(); // the handler runs, in a read section
         let updater = s.spawn(|| {
             buses
-                .unregister_dev(&buses.lock_slots(), BusKind::Mmio, &dev)
+                .unregister_dev(&mut buses.lock_slots(), BusKind::Mmio, &dev)
                 .unwrap();
             returned.store(true, SeqCst);
         });

@@ -99,8 +99,8 @@ fn updater<F: Flavor>(sh: &Shared<F>, me: usize) {
     let remove = |k: usize, d: &Arc<Dev>| {
         start_removal(k);
         let dev: Arc<dyn IoDevice> = d.clone();
-        let slots = sh.buses.lock_slots();
-        sh.buses.unregister_dev(&slots, KIND, &dev).unwrap();
+        let mut slots = sh.buses.lock_slots();
+        sh.buses.unregister_dev(&mut slots, KIND, &dev).unwrap();
         drop(slots);
         d.removed.store(true, SeqCst);
     };
@@ -119,8 +119,8 @@ fn updater<F: Flavor>(sh: &Shared<F>, me: usize) {
                 .iter()
                 .map(|(_, d)| d.clone() as Arc<dyn IoDevice>)
                 .collect();
-            let slots = sh.buses.lock_slots();
-            sh.buses.unregister_many(&slots, KIND, &devs).unwrap();
+            let mut slots = sh.buses.lock_slots();
+            sh.buses.unregister_many(&mut slots, KIND, &devs).unwrap();
             drop(slots);
             for (_, d) in &batch {
                 d.removed.store(true, SeqCst);
@@ -141,10 +141,10 @@ fn updater<F: Flavor>(sh: &Shared<F>, me: usize) {
                     removed: AtomicBool::new(false),
                     stats: sh.stats.clone(),
                 });
-                let slots = sh.buses.lock_slots();
+                let mut slots = sh.buses.lock_slots();
                 sh.buses
                     .register_dev(
-                        &slots,
+                        &mut slots,
                         KIND,
                         IoRange::new(slot_addr(k), 8).unwrap(),
                         d.clone(),

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvm_bus::kvm::{Asm, Cond, MiniVm, Reg, Width, DATA_ADDR};
+use kvm_bus::kvm::{Asm, Cond, MiniVm, Reg, VmExit, Width, DATA_ADDR};
 use kvm_bus::{BusKind, Buses, Declined, Flavor, IoDevice, IoRange};
 use tests::vm::{kvm_or_skip, pattern, run_all, run_single, Access, Counter, Doorbell, Recorder};
 
@@ -26,9 +26,9 @@ const RES: i32 = 0x1000;
 const SRC: i32 = 0x2000;
 
 fn reg(buses: &Buses<impl Flavor>, kind: BusKind, addr: u64, len: u64, dev: Arc<dyn IoDevice>) {
-    let slots = buses.lock_slots();
+    let mut slots = buses.lock_slots();
     buses
-        .register_dev(&slots, kind, IoRange::new(addr, len).unwrap(), dev)
+        .register_dev(&mut slots, kind, IoRange::new(addr, len).unwrap(), dev)
         .unwrap();
 }
 
@@ -498,10 +498,10 @@ fn registration_ordering<F: Flavor>(buses: Buses<F>, rounds: u32) {
             });
             let hot_dyn: Arc<dyn IoDevice> = hot.clone();
             {
-                let slots = buses.lock_slots();
+                let mut slots = buses.lock_slots();
                 buses
                     .register_dev(
-                        &slots,
+                        &mut slots,
                         kind,
                         IoRange::new(base, len).unwrap(),
                         hot_dyn.clone(),
@@ -522,8 +522,8 @@ fn registration_ordering<F: Flavor>(buses: Buses<F>, rounds: u32) {
             assert_eq!(hot.value.load(Ordering::SeqCst), u64::from(round));
             let t = Instant::now();
             {
-                let slots = buses.lock_slots();
-                buses.unregister_dev(&slots, kind, &hot_dyn).unwrap();
+                let mut slots = buses.lock_slots();
+                buses.unregister_dev(&mut slots, kind, &hot_dyn).unwrap();
             }
             t_unreg += t.elapsed();
             pokes += hot.pokes.load(Ordering::SeqCst);
@@ -597,10 +597,10 @@ fn unregister_under_fire<F: Flavor>(buses: Buses<F>, rounds: usize) {
             let (pio_dyn, mmio_dyn): (Arc<dyn IoDevice>, Arc<dyn IoDevice>) =
                 (pio.clone(), mmio.clone());
             {
-                let slots = buses.lock_slots();
+                let mut slots = buses.lock_slots();
                 buses
                     .register_dev(
-                        &slots,
+                        &mut slots,
                         BusKind::Pio,
                         IoRange::new(FIRE_PORT, 4).unwrap(),
                         pio_dyn.clone(),
@@ -608,7 +608,7 @@ fn unregister_under_fire<F: Flavor>(buses: Buses<F>, rounds: usize) {
                     .unwrap();
                 buses
                     .register_dev(
-                        &slots,
+                        &mut slots,
                         BusKind::Mmio,
                         IoRange::new(FIRE_MMIO, 4).unwrap(),
                         mmio_dyn.clone(),
@@ -619,12 +619,12 @@ fn unregister_under_fire<F: Flavor>(buses: Buses<F>, rounds: usize) {
                 pio.hits() >= 8 && mmio.hits() >= 8
             });
             {
-                let slots = buses.lock_slots();
+                let mut slots = buses.lock_slots();
                 buses
-                    .unregister_dev(&slots, BusKind::Pio, &pio_dyn)
+                    .unregister_dev(&mut slots, BusKind::Pio, &pio_dyn)
                     .unwrap();
                 buses
-                    .unregister_dev(&slots, BusKind::Mmio, &mmio_dyn)
+                    .unregister_dev(&mut slots, BusKind::Mmio, &mmio_dyn)
                     .unwrap();
             }
             // unregister_dev returned: the counters are final, and the bus
@@ -718,10 +718,10 @@ fn vm_teardown_drops_every_device_once() {
     // Churn, so old bus arrays are waiting in call_srcu at teardown.
     for _ in 0..50 {
         let extra: Arc<dyn IoDevice> = counter();
-        let slots = buses.lock_slots();
+        let mut slots = buses.lock_slots();
         buses
             .register_dev(
-                &slots,
+                &mut slots,
                 BusKind::Pio,
                 IoRange::new(0x900, 1).unwrap(),
                 extra.clone(),
@@ -729,13 +729,15 @@ fn vm_teardown_drops_every_device_once() {
             .unwrap();
         buses
             .register_dev(
-                &slots,
+                &mut slots,
                 BusKind::Mmio,
                 IoRange::new(0xd050_0000, 1).unwrap(),
                 counter(),
             )
             .unwrap();
-        buses.unregister_dev(&slots, BusKind::Pio, &extra).unwrap();
+        buses
+            .unregister_dev(&mut slots, BusKind::Pio, &extra)
+            .unwrap();
     }
     let total = 4 + 2 * 50;
     let weak: Vec<_> = [&pio, &mmio, &shared, &fast]
@@ -789,4 +791,183 @@ fn vm_non_io_exits_return_to_the_caller() {
         (s.exits, s.io_exits, s.handled, s.unhandled()),
         (4, 2, 2, 0)
     );
+}
+
+// ---------------------------------------------------------------------------
+// A device that panics.
+// ---------------------------------------------------------------------------
+
+/// Panics on its first access; afterwards answers reads with 0x42 and
+/// remembers writes.
+#[derive(Default)]
+struct PanicsOnce {
+    armed_off: std::sync::atomic::AtomicBool,
+    reads: AtomicU64,
+    last_write: AtomicU64,
+}
+
+impl IoDevice for PanicsOnce {
+    fn read(&self, addr: u64, data: &mut [u8]) -> Result<(), Declined> {
+        if !self.armed_off.swap(true, Ordering::SeqCst) {
+            panic!("PanicsOnce: first access, a read at {addr:#x}");
+        }
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        data.fill(0x42);
+        Ok(())
+    }
+    fn write(&self, addr: u64, data: &[u8]) -> Result<(), Declined> {
+        if !self.armed_off.swap(true, Ordering::SeqCst) {
+            panic!("PanicsOnce: first access, a write at {addr:#x}");
+        }
+        let mut v = [0u8; 8];
+        v[..data.len()].copy_from_slice(data);
+        self.last_write
+            .store(u64::from_le_bytes(v), Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+const PANIC_PORT: u64 = 0x780;
+const PANIC_STR_PORT: u64 = 0x790;
+const PANIC_MMIO: u64 = 0xd060_0000;
+
+fn device_panic_is_reported_and_the_guest_goes_on<F: Flavor>(buses: Buses<F>) {
+    let mut a = Asm::new();
+    a.mov_imm(Reg::Rbp, DATA_ADDR);
+    // PIO: the first `out` panics (dropped), the second one arrives.
+    a.mov_imm(Reg::Rdx, PANIC_PORT);
+    a.mov_imm(Reg::Rax, 0x11);
+    a.out_dx(Width::B1);
+    a.mov_imm(Reg::Rax, 0x22);
+    a.out_dx(Width::B1);
+    in_and_store(&mut a, PANIC_PORT, Width::B1, 0);
+    // String PIO: `rep insb` of 4 whose first access panics, then an `in`.
+    a.mov_imm(Reg::Rdi, DATA_ADDR + RES as u64 + 0x20);
+    a.mov_imm(Reg::Rcx, 4);
+    a.mov_imm(Reg::Rdx, PANIC_STR_PORT);
+    a.rep_ins(Width::B1);
+    in_and_store(&mut a, PANIC_STR_PORT, Width::B1, 0x28);
+    // MMIO: the first 4-byte load panics (all-ones), the second arrives.
+    a.mov_imm(Reg::Rdi, PANIC_MMIO);
+    load_and_store(&mut a, 0, Width::B4, 0x30);
+    load_and_store(&mut a, 4, Width::B4, 0x38);
+    a.store_imm32(Reg::Rbp, RES + 0x80, 0x600d);
+    a.hlt();
+
+    let mut vm = MiniVm::builder().code(&a.finish()).build().unwrap();
+    let pio = Arc::new(PanicsOnce::default());
+    let pio_str = Arc::new(PanicsOnce::default());
+    let mmio = Arc::new(PanicsOnce::default());
+    reg(&buses, BusKind::Pio, PANIC_PORT, 1, pio.clone());
+    reg(&buses, BusKind::Pio, PANIC_STR_PORT, 1, pio_str.clone());
+    reg(&buses, BusKind::Mmio, PANIC_MMIO, 8, mmio.clone());
+    let (pio_dyn, pio_str_dyn, mmio_dyn): (
+        Arc<dyn IoDevice>,
+        Arc<dyn IoDevice>,
+        Arc<dyn IoDevice>,
+    ) = (pio.clone(), pio_str.clone(), mmio.clone());
+
+    let mut vcpu = vm.take_vcpus().remove(0);
+    let stats = kvm_bus::kvm::VcpuStats::new();
+    // The panics are caught on this (the vCPU) thread: each run returns.
+    let mut run = || kvm_bus::kvm::run_vcpu(&mut vcpu, &buses, &stats).unwrap();
+    let panicked = |exit: VmExit| match exit {
+        VmExit::DevicePanicked(p) => p,
+        other => panic!("expected DevicePanicked, got {other:?}"),
+    };
+
+    let p = panicked(run());
+    assert_eq!(
+        (p.kind, p.addr, p.len, p.write),
+        (BusKind::Pio, PANIC_PORT, 1, true),
+        "{p:?}"
+    );
+    assert_eq!(p.range, IoRange::new(PANIC_PORT, 1).unwrap());
+    assert!(Arc::ptr_eq(&p.device, &pio_dyn));
+    assert_eq!(
+        p.message,
+        format!("PanicsOnce: first access, a write at {PANIC_PORT:#x}")
+    );
+    assert!(p.to_string().contains("PIO"), "{p}");
+    // The read section of the dispatch is over.
+    assert_eq!(buses.srcu().readers(), 0);
+    assert!(!buses.srcu().in_read_section());
+    drop(p);
+
+    let p = panicked(run());
+    assert_eq!(
+        (p.kind, p.addr, p.len, p.write),
+        (BusKind::Pio, PANIC_STR_PORT, 1, false),
+        "{p:?}"
+    );
+    assert!(Arc::ptr_eq(&p.device, &pio_str_dyn));
+    drop(p);
+
+    let p = panicked(run());
+    assert_eq!(
+        (p.kind, p.addr, p.len, p.write),
+        (BusKind::Mmio, PANIC_MMIO, 4, false),
+        "{p:?}"
+    );
+    assert_eq!(p.range, IoRange::new(PANIC_MMIO, 8).unwrap());
+    assert!(Arc::ptr_eq(&p.device, &mmio_dyn));
+    assert!(p.message.contains("a read at"), "{}", p.message);
+    drop(p);
+
+    assert_eq!(run(), VmExit::Hlt, "the guest ran to its end");
+
+    let mem = vm.memory();
+    let res = |off: i32| DATA_ADDR + (RES + off) as u64;
+    assert_eq!(mem.read_u32(res(0x80)), 0x600d);
+    // The dropped write never reached the device; the next one did.
+    assert_eq!(pio.last_write.load(Ordering::SeqCst), 0x22);
+    assert_eq!(mem.read_u8(res(0)), 0x42);
+    // The panicking access read all-ones. (The kernel passes the whole
+    // `rep insb` in one exit, so all four are; were it split, the later
+    // exits would reach the device and read 0x42.)
+    let mut ins = [0u8; 4];
+    mem.read_bytes(res(0x20), &mut ins);
+    assert_eq!(ins[0], 0xff, "{ins:x?}");
+    assert!(ins.iter().all(|&b| b == 0xff || b == 0x42), "{ins:x?}");
+    let str_ones = ins.iter().filter(|&&b| b == 0xff).count() as u64;
+    assert_eq!(mem.read_u8(res(0x28)), 0x42);
+    assert_eq!(pio_str.reads.load(Ordering::SeqCst), 4 - str_ones + 1);
+    assert_eq!(mem.read_u32(res(0x30)), 0xffff_ffff);
+    assert_eq!(mem.read_u32(res(0x38)), 0x4242_4242);
+
+    let s = stats.snapshot();
+    assert_eq!(s.device_panics, 3, "{s:?}");
+    assert_eq!(s.unhandled_writes, 1, "{s:?}");
+    assert_eq!(s.unhandled_reads, str_ones + 1, "{s:?}");
+    // 1 out, 1 in, the `rep insb` elements and `in` that arrived, 1 load.
+    assert_eq!(s.handled, 1 + 1 + (4 - str_ones) + 1 + 1, "{s:?}");
+
+    // The devices are still registered; unregistering them works and
+    // waits for nothing stuck (no section was leaked).
+    let mut slots = buses.lock_slots();
+    for (kind, dev) in [
+        (BusKind::Pio, &pio_dyn),
+        (BusKind::Pio, &pio_str_dyn),
+        (BusKind::Mmio, &mmio_dyn),
+    ] {
+        buses.unregister_dev(&mut slots, kind, dev).unwrap();
+        assert_eq!(Arc::strong_count(dev), 2, "{kind:?}");
+    }
+}
+
+#[test]
+fn vm_device_panic_is_reported_and_the_guest_goes_on_classic() {
+    let Some(_kvm) = kvm_or_skip("vm_device_panic_is_reported_and_the_guest_goes_on_classic")
+    else {
+        return;
+    };
+    device_panic_is_reported_and_the_guest_goes_on(Buses::new());
+}
+
+#[test]
+fn vm_device_panic_is_reported_and_the_guest_goes_on_fast() {
+    let Some(_kvm) = kvm_or_skip("vm_device_panic_is_reported_and_the_guest_goes_on_fast") else {
+        return;
+    };
+    device_panic_is_reported_and_the_guest_goes_on(Buses::new_fast());
 }

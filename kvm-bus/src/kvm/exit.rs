@@ -1,20 +1,40 @@
 //! The vCPU-exit adapter: `KVM_EXIT_IO` / `KVM_EXIT_MMIO` to bus dispatch,
 //! and the run loop.
 
+use std::any::Any;
+use std::cell::Cell;
+use std::fmt;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::sync::Arc;
 use std::time::Instant;
 
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use super::stats::VcpuStats;
-use crate::{BusKind, Buses, Flavor, IoBus};
+use crate::bus::NOT_CALLING;
+use crate::{BusKind, Buses, Flavor, IoDevice, IoRange};
 
-/// A vCPU exit that is not port or MMIO I/O, handed back to the caller of
-/// [`run_vcpu`] / [`run_once`]. Owned (the `kvm_run` details stay readable
-/// through [`VcpuFd::get_kvm_run`] until the next run).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A vCPU exit that is not port or MMIO I/O, or an I/O exit whose device
+/// panicked, handed back to the caller of [`run_vcpu`] / [`run_once`].
+/// Owned (the `kvm_run` details stay readable through
+/// [`VcpuFd::get_kvm_run`] until the next run).
+#[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum VmExit {
+    /// A device's handler panicked while handling a port or MMIO access of
+    /// the guest. The panic was caught (the default panic hook has already
+    /// printed it) and the access completed as an unhandled one: a read
+    /// gets all-ones, a write is dropped. For string I/O, the same holds
+    /// for the rest of that exit's accesses (they go to the same port, so
+    /// to the same device). The read section of the dispatch has ended.
+    ///
+    /// The VM can go on: calling [`run_vcpu`] / [`run_once`] again resumes
+    /// the guest after the instruction. What to do with the device
+    /// (unregister it, reset the VM, stop) is the caller's decision; it is
+    /// named in the report. With `panic = "abort"` there is nothing to
+    /// catch and the process aborts.
+    DevicePanicked(DevicePanic),
     /// `KVM_EXIT_HLT`: the guest executed `hlt` (no in-kernel irqchip).
     Hlt,
     /// `KVM_EXIT_SHUTDOWN`: triple fault or similar.
@@ -43,6 +63,77 @@ pub enum VmExit {
     },
 }
 
+/// The report of [`VmExit::DevicePanicked`]: which access, which device,
+/// what the panic said.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct DevicePanic {
+    /// The bus dispatched on ([`BusKind::Pio`] or [`BusKind::Mmio`]).
+    pub kind: BusKind,
+    /// The address of the access (the port, or the guest-physical
+    /// address).
+    pub addr: u64,
+    /// Its length in bytes (one element of a string I/O).
+    pub len: usize,
+    /// A write (`out`, MMIO store) rather than a read.
+    pub write: bool,
+    /// The range the device that panicked is registered at (several
+    /// devices may cover the address; this says which one it was).
+    pub range: IoRange,
+    /// The device that panicked: a new strong reference, taken inside the
+    /// read section, so it can be compared (`Arc::ptr_eq`) or passed to
+    /// [`Buses::unregister_dev`]. It keeps the device alive while held.
+    pub device: Arc<dyn IoDevice>,
+    /// The panic message (the payload if it is a string, else a
+    /// placeholder).
+    pub message: String,
+}
+
+impl fmt::Debug for DevicePanic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DevicePanic")
+            .field("kind", &self.kind)
+            .field("addr", &format_args!("{:#x}", self.addr))
+            .field("len", &self.len)
+            .field("write", &self.write)
+            .field("range", &self.range)
+            .field("device", &Arc::as_ptr(&self.device).cast::<()>())
+            .field("message", &self.message)
+            .finish()
+    }
+}
+
+impl PartialEq for DevicePanic {
+    /// Field by field; the devices by identity (`Arc::ptr_eq`).
+    fn eq(&self, other: &Self) -> bool {
+        self.kind == other.kind
+            && self.addr == other.addr
+            && self.len == other.len
+            && self.write == other.write
+            && self.range == other.range
+            && Arc::ptr_eq(&self.device, &other.device)
+            && self.message == other.message
+    }
+}
+
+impl Eq for DevicePanic {}
+
+impl fmt::Display for DevicePanic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the device at {} {:#x}+{:#x} panicked on a {}-byte {} at {:#x}: {}",
+            self.kind,
+            self.range.addr(),
+            self.range.len(),
+            self.len,
+            if self.write { "write" } else { "read" },
+            self.addr,
+            self.message
+        )
+    }
+}
+
 enum Step {
     Pio { write: bool },
     Done,
@@ -65,6 +156,11 @@ enum Step {
 /// An access that no device accepts is counted; a read gets all-ones
 /// (`0xff` bytes), a write is dropped, and the guest continues.
 ///
+/// A device handler that panics does not take the vCPU thread down: the
+/// panic is caught, the access completes as an unhandled one, and the
+/// exit is returned as [`VmExit::DevicePanicked`] naming the bus, the
+/// address and the device. Calling `run_vcpu` again resumes the guest.
+///
 /// The [`FastMmio`](BusKind::FastMmio) bus is not consulted: in Linux it
 /// serves zero-length ioeventfds matched by the kernel before any
 /// instruction is decoded, which never reach userspace as MMIO exits.
@@ -86,8 +182,9 @@ pub fn run_vcpu<F: Flavor>(
 }
 
 /// One `KVM_RUN`: dispatches an I/O or MMIO exit as [`run_vcpu`] does and
-/// returns `Ok(None)`, or returns any other exit. For run loops that check
-/// their own stop condition between exits.
+/// returns `Ok(None)` (or [`VmExit::DevicePanicked`] if its device
+/// panicked), or returns any other exit. For run loops that check their
+/// own stop condition between exits.
 ///
 /// # Errors
 ///
@@ -103,28 +200,18 @@ pub fn run_once<F: Flavor>(
         VcpuExit::MmioRead(addr, data) => {
             stats.exit();
             stats.mmio_exit();
-            let t = Instant::now();
-            {
-                let guard = buses.read_lock();
-                let bus = buses.get_bus_srcu(&guard, BusKind::Mmio);
-                let (h, r) = read_or_ones(bus, addr, data);
-                stats.add(h, r, 0);
+            match dispatch(buses, stats, BusKind::Mmio, addr, Data::Read(data)) {
+                None => Step::Done,
+                Some(p) => Step::Stop(VmExit::DevicePanicked(p)),
             }
-            stats.dispatch_time(t.elapsed().as_nanos() as u64);
-            Step::Done
         }
         VcpuExit::MmioWrite(addr, data) => {
             stats.exit();
             stats.mmio_exit();
-            let t = Instant::now();
-            {
-                let guard = buses.read_lock();
-                let bus = buses.get_bus_srcu(&guard, BusKind::Mmio);
-                let (h, w) = write_or_drop(bus, addr, data);
-                stats.add(h, 0, w);
+            match dispatch(buses, stats, BusKind::Mmio, addr, Data::Write(data)) {
+                None => Step::Done,
+                Some(p) => Step::Stop(VmExit::DevicePanicked(p)),
             }
-            stats.dispatch_time(t.elapsed().as_nanos() as u64);
-            Step::Done
         }
         VcpuExit::Hlt => Step::Stop(VmExit::Hlt),
         VcpuExit::Shutdown => Step::Stop(VmExit::Shutdown),
@@ -135,6 +222,8 @@ pub fn run_once<F: Flavor>(
     };
     match step {
         Step::Done => Ok(None),
+        // Already counted as an MMIO exit.
+        Step::Stop(exit @ VmExit::DevicePanicked(_)) => Ok(Some(exit)),
         Step::Stop(exit) => {
             stats.exit();
             Ok(Some(exit))
@@ -155,8 +244,7 @@ pub fn run_once<F: Flavor>(
         Step::Pio { write } => {
             stats.exit();
             stats.io_exit();
-            dispatch_pio(vcpu, buses, stats, write);
-            Ok(None)
+            Ok(dispatch_pio(vcpu, buses, stats, write).map(VmExit::DevicePanicked))
         }
     }
 }
@@ -165,7 +253,12 @@ pub fn run_once<F: Flavor>(
 /// `data_offset` in the `kvm_run` mapping (the slice `VcpuExit::IoIn/IoOut`
 /// carries is `count * size` bytes and does not say `size`, so it is
 /// re-derived here from the `io` fields).
-fn dispatch_pio<F: Flavor>(vcpu: &mut VcpuFd, buses: &Buses<F>, stats: &VcpuStats, write: bool) {
+fn dispatch_pio<F: Flavor>(
+    vcpu: &mut VcpuFd,
+    buses: &Buses<F>,
+    stats: &VcpuStats,
+    write: bool,
+) -> Option<DevicePanic> {
     let run: &mut kvm_run = vcpu.get_kvm_run();
     // SAFETY: the previous `run()` returned IoIn/IoOut, i.e. exit_reason is
     // KVM_EXIT_IO, so `io` is the active union member (a Copy read).
@@ -182,48 +275,145 @@ fn dispatch_pio<F: Flavor>(vcpu: &mut VcpuFd, buses: &Buses<F>, stats: &VcpuStat
     let data = unsafe { std::slice::from_raw_parts_mut(base.add(io.data_offset as usize), len) };
     let port = u64::from(io.port);
     if size == 0 {
-        return;
+        return None;
     }
+    let data = if write {
+        Data::Write(data)
+    } else {
+        Data::Read(data)
+    };
+    dispatch_chunks(buses, stats, BusKind::Pio, port, data, size)
+}
+
+/// The data of an exit: filled by a read, carried by a write.
+enum Data<'a> {
+    Read(&'a mut [u8]),
+    Write(&'a [u8]),
+}
+
+impl Data<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Data::Read(d) => d.len(),
+            Data::Write(d) => d.len(),
+        }
+    }
+}
+
+/// One MMIO access: [`dispatch_chunks`] with a single chunk.
+fn dispatch<F: Flavor>(
+    buses: &Buses<F>,
+    stats: &VcpuStats,
+    kind: BusKind,
+    addr: u64,
+    data: Data<'_>,
+) -> Option<DevicePanic> {
+    let len = data.len();
+    if len == 0 {
+        // KVM never sends one (1 to 8 bytes); counted as the invalid, so
+        // unhandled, access it would be (and `chunks_exact` needs size > 0).
+        match data {
+            Data::Read(_) => stats.add(0, 1, 0),
+            Data::Write(_) => stats.add(0, 0, 1),
+        }
+        return None;
+    }
+    dispatch_chunks(buses, stats, kind, addr, data, len)
+}
+
+/// Dispatches `data.len() / size` accesses of `size` bytes at `addr` in
+/// order, in one read section, counting them in `stats`: reads that no
+/// device accepts get all-ones, writes are dropped. If a device handler
+/// panics, the panic is caught inside the section (so the device can be
+/// named and a reference to it taken while the table is still
+/// guaranteed alive), that access and the remaining ones complete as
+/// unhandled, and the report is returned. A panic that did not come from
+/// a device call (a bug here, not in a device) is resumed; the section
+/// then ends while unwinding.
+fn dispatch_chunks<F: Flavor>(
+    buses: &Buses<F>,
+    stats: &VcpuStats,
+    kind: BusKind,
+    addr: u64,
+    mut data: Data<'_>,
+    size: usize,
+) -> Option<DevicePanic> {
+    let count = data.len() / size;
     let t = Instant::now();
-    {
-        let guard = buses.read_lock();
-        let bus = buses.get_bus_srcu(&guard, BusKind::Pio);
-        let (mut handled, mut unhandled) = (0, 0);
-        for chunk in data.chunks_exact_mut(size) {
-            let (h, u) = if write {
-                write_or_drop(bus, port, chunk)
-            } else {
-                read_or_ones(bus, port, chunk)
+    let guard = buses.read_lock();
+    let bus = buses.get_bus_srcu(&guard, kind);
+    // The entry whose device is being called, NOT_CALLING between calls.
+    let calling = Cell::new(NOT_CALLING);
+    let (mut done, mut handled) = (0usize, 0u64);
+    // AssertUnwindSafe: after a panic, only plain integers written between
+    // steps (`calling`, `done`, `handled`) are read, the unfinished part of
+    // a read buffer is overwritten, and the (immutable) table is only
+    // looked up; the device that panicked is never called again here.
+    let result = catch_unwind(AssertUnwindSafe(|| match &mut data {
+        Data::Read(d) => {
+            for chunk in d.chunks_exact_mut(size) {
+                if bus.read_with(addr, chunk, |i| calling.set(i)).is_ok() {
+                    handled += 1;
+                } else {
+                    chunk.fill(0xff);
+                }
+                done += 1;
+            }
+        }
+        Data::Write(d) => {
+            for chunk in d.chunks_exact(size) {
+                if bus.write_with(addr, chunk, |i| calling.set(i)).is_ok() {
+                    handled += 1;
+                }
+                done += 1;
+            }
+        }
+    }));
+    let report = match result {
+        Ok(()) => None,
+        Err(payload) => {
+            let Some((range, device)) = bus.entry(calling.get()) else {
+                drop(guard);
+                resume_unwind(payload)
             };
-            handled += h;
-            unhandled += u;
+            // Still inside the read section: the entry's device pointer is
+            // backed by the buses, so the clone is of a live device.
+            let device = device.clone();
+            if let Data::Read(d) = &mut data {
+                d[done * size..].fill(0xff);
+            }
+            Some(DevicePanic {
+                kind,
+                addr,
+                len: size,
+                write: matches!(data, Data::Write(_)),
+                range,
+                device,
+                message: panic_message(payload),
+            })
         }
-        if write {
-            stats.add(handled, 0, unhandled);
-        } else {
-            stats.add(handled, unhandled, 0);
-        }
+    };
+    drop(guard);
+    let unhandled = count as u64 - handled;
+    match data {
+        Data::Read(_) => stats.add(handled, unhandled, 0),
+        Data::Write(_) => stats.add(handled, 0, unhandled),
+    }
+    if report.is_some() {
+        stats.device_panic();
     }
     stats.dispatch_time(t.elapsed().as_nanos() as u64);
+    report
 }
 
-/// `(handled, unhandled)` of one read; all-ones on failure.
-#[inline]
-fn read_or_ones(bus: &IoBus, addr: u64, data: &mut [u8]) -> (u64, u64) {
-    match bus.read(addr, data) {
-        Ok(()) => (1, 0),
-        Err(_) => {
-            data.fill(0xff);
-            (0, 1)
-        }
-    }
-}
-
-/// `(handled, unhandled)` of one write; dropped on failure.
-#[inline]
-fn write_or_drop(bus: &IoBus, addr: u64, data: &[u8]) -> (u64, u64) {
-    match bus.write(addr, data) {
-        Ok(()) => (1, 0),
-        Err(_) => (0, 1),
+/// The message of a panic payload (`panic!` with a literal or a format
+/// string gives `&str` or `String`).
+fn panic_message(payload: Box<dyn Any + Send>) -> String {
+    match payload.downcast::<String>() {
+        Ok(s) => *s,
+        Err(payload) => match payload.downcast_ref::<&'static str>() {
+            Some(s) => (*s).to_owned(),
+            None => "(panic payload is not a string)".to_owned(),
+        },
     }
 }

@@ -6,7 +6,10 @@
 //!   `KVM_EXIT_MMIO` on the [`Mmio`](crate::BusKind::Mmio) bus, one SRCU
 //!   read section per exit (never held across `KVM_RUN`), string I/O as
 //!   `count` accesses of `size` bytes in order, all-ones for unhandled
-//!   reads, dropped unhandled writes, per-vCPU [`VcpuStats`](crate::kvm::VcpuStats).
+//!   reads, dropped unhandled writes, per-vCPU [`VcpuStats`](crate::kvm::VcpuStats);
+//!   a device handler that panics is caught and reported as
+//!   [`VmExit::DevicePanicked`](crate::kvm::VmExit::DevicePanicked), and the
+//!   vCPU can go on.
 //! * [`MiniVm`](crate::kvm::MiniVm): a minimal long-mode VM (memory, page tables, guest code,
 //!   N vCPUs) for demos, tests and benchmarks, with a typed error when
 //!   `/dev/kvm` is missing or not accessible.
@@ -36,8 +39,8 @@
 //! let mut vm = MiniVm::builder().code(&a.finish()).build()?;
 //!
 //! let buses = Buses::new();
-//! let slots = buses.lock_slots();
-//! buses.register_dev(&slots, BusKind::Pio, IoRange::new(0x3f8, 8)?, Arc::new(Serial))?;
+//! let mut slots = buses.lock_slots();
+//! buses.register_dev(&mut slots, BusKind::Pio, IoRange::new(0x3f8, 8)?, Arc::new(Serial))?;
 //! drop(slots);
 //!
 //! let stats = VcpuStats::new();
@@ -54,7 +57,7 @@ mod stats;
 mod vm;
 
 pub use error::VmError;
-pub use exit::{run_once, run_vcpu, VmExit};
+pub use exit::{run_once, run_vcpu, DevicePanic, VmExit};
 pub use guest::{Asm, Cond, Label, Reg, Width, CODE_ADDR, DATA_ADDR};
 pub use stats::{Latency, StatsSnapshot, VcpuStats};
 pub use vm::{

@@ -19,6 +19,7 @@ pub struct VcpuStats {
     handled: AtomicU64,
     unhandled_reads: AtomicU64,
     unhandled_writes: AtomicU64,
+    device_panics: AtomicU64,
     dispatch_ns: AtomicU64,
 }
 
@@ -39,6 +40,10 @@ pub struct StatsSnapshot {
     pub unhandled_reads: u64,
     /// Writes no device accepted (dropped).
     pub unhandled_writes: u64,
+    /// Exits on which a device handler panicked (each one returned as
+    /// [`VmExit::DevicePanicked`](super::VmExit::DevicePanicked); its
+    /// accesses are counted as unhandled too).
+    pub device_panics: u64,
     /// Total time spent dispatching I/O and MMIO exits (read lock to read
     /// unlock, device calls included), in nanoseconds.
     pub dispatch_ns: u64,
@@ -84,6 +89,7 @@ impl VcpuStats {
             handled: self.handled.load(Relaxed),
             unhandled_reads: self.unhandled_reads.load(Relaxed),
             unhandled_writes: self.unhandled_writes.load(Relaxed),
+            device_panics: self.device_panics.load(Relaxed),
             dispatch_ns: self.dispatch_ns.load(Relaxed),
         }
     }
@@ -107,6 +113,9 @@ impl VcpuStats {
         if unhandled_writes != 0 {
             bump(&self.unhandled_writes, unhandled_writes);
         }
+    }
+    pub(crate) fn device_panic(&self) {
+        bump(&self.device_panics, 1);
     }
     pub(crate) fn dispatch_time(&self, ns: u64) {
         bump(&self.dispatch_ns, ns);

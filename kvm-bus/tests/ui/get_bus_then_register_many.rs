@@ -1,0 +1,20 @@
+// A bus reference from `get_bus` cannot be kept across a `register_many`
+// under the same slots guard.
+use kvm_bus::{BusKind, Buses, Declined, IoDevice, IoRange};
+use std::sync::Arc;
+
+struct Sink;
+impl IoDevice for Sink {
+    fn read(&self, _: u64, _: &mut [u8]) -> Result<(), Declined> { Err(Declined) }
+    fn write(&self, _: u64, _: &[u8]) -> Result<(), Declined> { Ok(()) }
+}
+
+fn main() {
+    let buses = Buses::new();
+    let mut slots = buses.lock_slots();
+    let bus = buses.get_bus(&slots, BusKind::Mmio);
+    let dev: Arc<dyn IoDevice> = Arc::new(Sink);
+    let batch = [(IoRange::new(0x1000, 4).unwrap(), dev)];
+    buses.register_many(&mut slots, BusKind::Mmio, batch).unwrap();
+    println!("{}", bus.len()); // LATER USE
+}
