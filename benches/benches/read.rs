@@ -3,6 +3,9 @@
 //! `read_1t/<op>/<peer>`: ns per operation on one thread.
 //! `read_2t/<op>/<peer>`: per-thread ns per operation with two threads on
 //! the same primitive at once (criterion's time is each thread's own).
+//! `<peer>` = `rseq_pair_floor` is the physical floor of srcu fast's read
+//! section: its two rseq per-CPU adds and nothing else (when glibc
+//! registers rseq).
 
 use benches::harness::concurrent_fixed;
 use benches::read::{self, ReadOp, ReadPeer, ReadVisitor};

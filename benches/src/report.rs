@@ -6,7 +6,7 @@ use crate::bus::{self, BusVisitor, DispatchBus, RegisterMode, Startup};
 use crate::grace;
 use crate::harness::{Concurrent, Stats};
 use crate::read::{self, ReadOp, ReadPeer, ReadVisitor};
-use srcu::{Classic, Fast, Srcu};
+use srcu::{Classic, Fast, ReaderMode, Srcu, SrcuStats};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -38,6 +38,12 @@ pub struct Config {
     pub gp_long_reps: usize,
     /// Length of the long section.
     pub gp_long_section: Duration,
+    /// Grace periods (one per sample) waiting for one reader that holds a
+    /// single section, per flavor and kind (plain, expedited).
+    pub gp_reader_reps: usize,
+    /// Length of that reader's section (the keys say `reader200ms`
+    /// whatever it is).
+    pub gp_reader_section: Duration,
     /// Callbacks per `call_srcu` burst.
     pub call_srcu_n: u64,
     /// `call_srcu` bursts.
@@ -85,6 +91,8 @@ impl Config {
             gp_busy_reps: 101,
             gp_long_reps: 21,
             gp_long_section: Duration::from_millis(1),
+            gp_reader_reps: 3,
+            gp_reader_section: Duration::from_millis(200),
             call_srcu_n: 100_000,
             call_srcu_reps: 3,
             dispatch_reps: 21,
@@ -116,6 +124,7 @@ impl Config {
             gp_idle_reps: 1001,
             gp_busy_reps: 301,
             gp_long_reps: 51,
+            gp_reader_reps: 5,
             call_srcu_n: 200_000,
             call_srcu_reps: 5,
             dispatch_reps: 51,
@@ -147,6 +156,8 @@ impl Config {
             gp_busy_reps: 3,
             gp_long_reps: 1,
             gp_long_section: Duration::from_millis(1),
+            gp_reader_reps: 1,
+            gp_reader_section: Duration::from_millis(20),
             call_srcu_n: 100,
             call_srcu_reps: 1,
             dispatch_reps: 1,
@@ -374,72 +385,147 @@ fn run_read(cfg: &Config, rep: &mut Report) {
     }
 }
 
+/// The note of a grace-period row: what its calls cost besides time.
+fn gp_note(d: &SrcuStats, fast_mode: bool) -> String {
+    let per = |n: u64| n as f64 / d.grace_periods.max(1) as f64;
+    let mut s = format!("{} GPs", d.grace_periods);
+    if fast_mode {
+        let _ = write!(s, "; {:.2} membarriers per GP", per(d.membarriers));
+        if d.membarrier_fallbacks > 0 {
+            let _ = write!(s, " ({} mprotect fallbacks!)", d.membarrier_fallbacks);
+        }
+    }
+    let _ = write!(s, "; {:.2} scans per GP", per(d.scans));
+    if d.waits > 0 {
+        let _ = write!(
+            s,
+            "; {} waits, {} wall, {} CPU ({:.1}%)",
+            d.waits,
+            fmt_ns(d.wait_wall_ns as f64),
+            fmt_ns(d.wait_cpu_ns as f64),
+            100.0 * d.wait_cpu_ns as f64 / d.wait_wall_ns.max(1) as f64
+        );
+    }
+    s
+}
+
 fn run_grace(cfg: &Config, rep: &mut Report) {
     const G: &str = "2. Grace periods";
     let c = grace::domain::<Classic>();
     let f = grace::domain::<Fast>();
+    // Side effects are counted only where they exist: a fast domain without
+    // membarrier runs the classic barriers (and counts no membarrier).
+    let mb = f.reader_mode() == ReaderMode::Membarrier;
+    let idle_c = grace::idle(&c, cfg.gp_idle_reps, false);
+    // The floor right before the fast grace periods made of it.
+    let floor = grace::membarrier::call_ns(cfg.gp_idle_reps);
+    let idle_f = grace::idle(&f, cfg.gp_idle_reps, false);
+    let idle_ce = grace::idle(&c, cfg.gp_idle_reps, true);
+    let idle_fe = grace::idle(&f, cfg.gp_idle_reps, true);
+    let floor_ns = floor.as_ref().map_or(f64::NAN, Stats::median);
     let base = rep.add(
         G,
         "synchronize, idle (classic)",
         Some("synchronize_idle_ns"),
-        &grace::synchronize_idle(&c, cfg.gp_idle_reps),
+        &idle_c.latency,
         None,
     );
-    rep.add(
-        G,
-        "synchronize, idle (fast)",
-        Some("synchronize_fast_idle_ns"),
-        &grace::synchronize_idle(&f, cfg.gp_idle_reps),
-        Some(base),
-    );
-    rep.add(
-        G,
-        "synchronize_expedited, idle (classic)",
-        Some("synchronize_expedited_idle_ns"),
-        &grace::synchronize_expedited_idle(&c, cfg.gp_idle_reps),
-        Some(base),
-    );
-    rep.add(
-        G,
-        "synchronize_expedited, idle (fast)",
-        Some("synchronize_expedited_fast_idle_ns"),
-        &grace::synchronize_expedited_idle(&f, cfg.gp_idle_reps),
-        Some(base),
-    );
-    let (s, n) = grace::synchronize_busy(&c, 2, cfg.gp_busy_reps, false);
-    rep.add(
-        G,
-        "synchronize, 2 threads entering/leaving (classic)",
-        Some("synchronize_busy_ns"),
-        &s,
-        Some(base),
-    );
-    rep.note(format!("{n} reader sections meanwhile"));
-    let (s, n) = grace::synchronize_busy(&f, 2, cfg.gp_busy_reps, false);
-    rep.add(
-        G,
-        "synchronize, 2 threads entering/leaving (fast)",
-        Some("synchronize_fast_busy_ns"),
-        &s,
-        Some(base),
-    );
-    rep.note(format!("{n} reader sections meanwhile"));
-    let (s, _) = grace::synchronize_busy(&c, 2, cfg.gp_busy_reps, true);
-    rep.add(
-        G,
-        "synchronize_expedited, 2 threads entering/leaving (classic)",
-        Some("synchronize_expedited_busy_ns"),
-        &s,
-        Some(base),
-    );
-    let (s, _) = grace::synchronize_busy(&f, 2, cfg.gp_busy_reps, true);
-    rep.add(
-        G,
-        "synchronize_expedited, 2 threads entering/leaving (fast)",
-        Some("synchronize_expedited_fast_busy_ns"),
-        &s,
-        Some(base),
-    );
+    rep.note(gp_note(&idle_c.delta, false));
+    for (name, key, mkey, m, fast) in [
+        (
+            "synchronize, idle (fast)",
+            "synchronize_fast_idle_ns",
+            Some("membarriers_per_idle_gp_fast"),
+            &idle_f,
+            true,
+        ),
+        (
+            "synchronize_expedited, idle (classic)",
+            "synchronize_expedited_idle_ns",
+            None,
+            &idle_ce,
+            false,
+        ),
+        (
+            "synchronize_expedited, idle (fast)",
+            "synchronize_expedited_fast_idle_ns",
+            Some("membarriers_per_idle_gp_expedited_fast"),
+            &idle_fe,
+            true,
+        ),
+    ] {
+        let ns = rep.add(G, name, Some(key), &m.latency, Some(base));
+        let mut note = gp_note(&m.delta, fast && mb);
+        if fast && mb {
+            if let Some(k) = mkey {
+                rep.values.insert(k.into(), m.membarriers_per_gp());
+            }
+            if floor_ns.is_finite() {
+                let _ = write!(note, "; {:.2} x one bare membarrier", ns / floor_ns);
+            }
+        }
+        rep.note(note);
+    }
+    match floor {
+        Some(fl) => {
+            rep.add(
+                G,
+                "(ref) one bare membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED) call",
+                Some("membarrier_call_ns"),
+                &fl,
+                Some(base),
+            );
+            rep.note("the physical floor of each membarrier a fast grace period issues");
+        }
+        None => rep
+            .skipped
+            .push("membarrier floor: membarrier(PRIVATE_EXPEDITED) unavailable".into()),
+    }
+    for (srcu_flavor, exp, name, key) in [
+        (
+            "classic",
+            false,
+            "synchronize, 2 threads entering/leaving (classic)",
+            "synchronize_busy_ns",
+        ),
+        (
+            "fast",
+            false,
+            "synchronize, 2 threads entering/leaving (fast)",
+            "synchronize_fast_busy_ns",
+        ),
+        (
+            "classic",
+            true,
+            "synchronize_expedited, 2 threads entering/leaving (classic)",
+            "synchronize_expedited_busy_ns",
+        ),
+        (
+            "fast",
+            true,
+            "synchronize_expedited, 2 threads entering/leaving (fast)",
+            "synchronize_expedited_fast_busy_ns",
+        ),
+    ] {
+        let fast = srcu_flavor == "fast";
+        let ((s, n), d) = if fast {
+            grace::with_stats(&f, || grace::synchronize_busy(&f, 2, cfg.gp_busy_reps, exp))
+        } else {
+            grace::with_stats(&c, || grace::synchronize_busy(&c, 2, cfg.gp_busy_reps, exp))
+        };
+        rep.add(G, name, Some(key), &s, Some(base));
+        rep.note(format!(
+            "{n} reader sections meanwhile; {}",
+            gp_note(&d, fast && mb)
+        ));
+        if fast && mb {
+            let e = if exp { "_expedited" } else { "" };
+            rep.values.insert(
+                format!("membarriers_per_gp_busy{e}_fast"),
+                d.membarriers as f64 / d.grace_periods.max(1) as f64,
+            );
+        }
+    }
     let ms = cfg.gp_long_section.as_secs_f64() * 1e3;
     for (name, key, exp) in [
         ("synchronize", "synchronize_long_section_ns", false),
@@ -449,21 +535,35 @@ fn run_grace(cfg: &Config, rep: &mut Report) {
             true,
         ),
     ] {
+        let (s, d) = grace::with_stats(&c, || {
+            grace::synchronize_long_section(&c, cfg.gp_long_section, cfg.gp_long_reps, exp)
+        });
         rep.add(
             G,
             format!("{name}, one thread in back-to-back {ms} ms sections (classic)"),
             Some(key),
-            &grace::synchronize_long_section(&c, cfg.gp_long_section, cfg.gp_long_reps, exp),
+            &s,
             Some(base),
         );
+        rep.note(gp_note(&d, false));
     }
+    let (s, d) = grace::with_stats(&f, || {
+        grace::synchronize_long_section(&f, cfg.gp_long_section, cfg.gp_long_reps, false)
+    });
     rep.add(
         G,
         format!("synchronize, one thread in back-to-back {ms} ms sections (fast)"),
         Some("synchronize_fast_long_section_ns"),
-        &grace::synchronize_long_section(&f, cfg.gp_long_section, cfg.gp_long_reps, false),
+        &s,
         Some(base),
     );
+    rep.note(gp_note(&d, mb));
+    if mb {
+        rep.values.insert(
+            "membarriers_per_gp_long_section_fast".into(),
+            d.membarriers as f64 / d.grace_periods.max(1) as f64,
+        );
+    }
     for (flavor, b) in [("classic", None), ("fast", Some(()))] {
         let bursts: Vec<grace::CallSrcu> = (0..cfg.call_srcu_reps)
             .map(|_| match b {
@@ -502,6 +602,82 @@ fn run_grace(cfg: &Config, rep: &mut Report) {
         rep.values
             .insert(format!("call_srcu{sfx}_callbacks_per_gp"), per);
         rep.note(format!("{per:.0} callbacks retired per grace period"));
+    }
+}
+
+/// One grace period waiting for one reader blocked in a long section,
+/// both flavors, plain and expedited: latency, `membarrier` calls per grace
+/// period, and the CPU the waiting thread burnt.
+fn run_grace_reader(cfg: &Config, rep: &mut Report) {
+    let ms = cfg.gp_reader_section.as_secs_f64() * 1e3;
+    const G: &str = "2. Grace period waiting for one reader sleeping in one long section \
+                     (one GP per sample; side effects from srcu.stats() deltas)";
+    let c = grace::domain::<Classic>();
+    let f = grace::domain::<Fast>();
+    let mb = f.reader_mode() == ReaderMode::Membarrier;
+    for (fast, exp) in [(false, false), (true, false), (false, true), (true, true)] {
+        let samples: Vec<grace::ReaderWait> = (0..cfg.gp_reader_reps)
+            .map(|_| {
+                if fast {
+                    grace::against_reader(&f, cfg.gp_reader_section, exp)
+                } else {
+                    grace::against_reader(&c, cfg.gp_reader_section, exp)
+                }
+            })
+            .collect();
+        let flavor = if fast { "fast" } else { "classic" };
+        let (call, e) = if exp {
+            ("synchronize_expedited", "_expedited")
+        } else {
+            ("synchronize", "")
+        };
+        let lat = Stats {
+            samples: samples.iter().map(|w| w.latency_ns).collect(),
+        };
+        rep.add(
+            G,
+            format!("{call} ({flavor}), the reader entered a {ms} ms section just before"),
+            Some(&format!("{call}_reader200ms_{flavor}_ns")),
+            &lat,
+            None,
+        );
+        let sum = |f: fn(&SrcuStats) -> u64| samples.iter().map(|w| f(&w.delta)).sum::<u64>();
+        let (mbs, gps) = (sum(|d| d.membarriers), sum(|d| d.grace_periods));
+        let wait_frac = median_of(samples.iter().map(grace::ReaderWait::wait_cpu_frac));
+        let caller_frac = median_of(samples.iter().map(grace::ReaderWait::caller_cpu_frac));
+        let over = median_of(samples.iter().map(|w| w.overshoot_ns));
+        rep.values
+            .insert(format!("wait_cpu_frac_reader200ms{e}_{flavor}"), wait_frac);
+        rep.values.insert(
+            format!("caller_cpu_frac_reader200ms{e}_{flavor}"),
+            caller_frac,
+        );
+        rep.values
+            .insert(format!("{call}_reader200ms_{flavor}_overshoot_ns"), over);
+        let mut note = String::new();
+        if fast && mb {
+            let per = mbs as f64 / gps.max(1) as f64;
+            rep.values
+                .insert(format!("membarriers_per_gp_reader200ms{e}_fast"), per);
+            let _ = write!(note, "{per:.2} membarriers per GP ({mbs} in {gps} GPs); ");
+        }
+        let (waits, wall, cpu) = (
+            sum(|d| d.waits),
+            sum(|d| d.wait_wall_ns),
+            sum(|d| d.wait_cpu_ns),
+        );
+        let _ = write!(
+            note,
+            "wait CPU {:.3}% of the wait beyond its first 100 µs (stats, median; in all \
+             {waits} waits, {} wall, {} CPU); caller thread CPU {:.3}% (clock_gettime, median); \
+             returned {} after the reader left (median)",
+            100.0 * wait_frac,
+            fmt_ns(wall as f64),
+            fmt_ns(cpu as f64),
+            100.0 * caller_frac,
+            fmt_ns(over),
+        );
+        rep.note(note);
     }
 }
 
@@ -877,6 +1053,8 @@ pub fn run(cfg: &Config, mut progress: impl FnMut(&str)) -> Report {
     run_read(cfg, &mut rep);
     progress("grace periods");
     run_grace(cfg, &mut rep);
+    progress("grace periods waiting for a reader");
+    run_grace_reader(cfg, &mut rep);
     progress("bus dispatch");
     run_dispatch(cfg, &mut rep);
     progress("registration");
@@ -890,11 +1068,12 @@ pub fn run(cfg: &Config, mut progress: impl FnMut(&str)) -> Report {
     rep
 }
 
-/// One target of issue 6: `lhs <= factor * rhs` (or `>=`).
+/// One target: `lhs <= factor * rhs` (or `>=`).
 pub struct Target {
     /// Left-hand key.
     pub lhs: &'static str,
-    /// Right-hand key, or `None` for an absolute bound in ns.
+    /// Right-hand key, or `None` for an absolute bound (in ns if the key
+    /// ends in `_ns`, else a count or fraction).
     pub rhs: Option<&'static str>,
     /// Factor (or the absolute bound).
     pub factor: f64,
@@ -902,7 +1081,7 @@ pub struct Target {
     pub at_least: bool,
 }
 
-/// The targets of issue 6.
+/// The targets of issue 6, then those on side effects and physical floors.
 pub const TARGETS: &[Target] = &[
     Target {
         lhs: "read_srcu_fast_ns",
@@ -984,7 +1163,81 @@ pub const TARGETS: &[Target] = &[
         factor: 0.01,
         at_least: false,
     },
+    // Physical floors: the fast read section against its two bare rseq
+    // adds, an idle fast grace period against one bare membarrier.
+    Target {
+        lhs: "read_srcu_fast_ns",
+        rhs: Some("read_rseq_pair_floor_ns"),
+        factor: 1.3,
+        at_least: false,
+    },
+    Target {
+        lhs: "synchronize_fast_idle_ns",
+        rhs: Some("membarrier_call_ns"),
+        factor: 4.0,
+        at_least: false,
+    },
+    // Side effects (srcu.stats() deltas of the timed calls).
+    Target {
+        lhs: "membarriers_per_idle_gp_fast",
+        rhs: None,
+        factor: 3.0,
+        at_least: false,
+    },
+    Target {
+        lhs: "membarriers_per_idle_gp_expedited_fast",
+        rhs: None,
+        factor: 3.0,
+        at_least: false,
+    },
+    Target {
+        lhs: "membarriers_per_gp_reader200ms_fast",
+        rhs: None,
+        factor: 36.0,
+        at_least: false,
+    },
+    Target {
+        lhs: "membarriers_per_gp_reader200ms_expedited_fast",
+        rhs: None,
+        factor: 36.0,
+        at_least: false,
+    },
+    Target {
+        lhs: "wait_cpu_frac_reader200ms_fast",
+        rhs: None,
+        factor: 0.05,
+        at_least: false,
+    },
+    Target {
+        lhs: "wait_cpu_frac_reader200ms_expedited_fast",
+        rhs: None,
+        factor: 0.05,
+        at_least: false,
+    },
+    Target {
+        lhs: "wait_cpu_frac_reader200ms_classic",
+        rhs: None,
+        factor: 0.05,
+        at_least: false,
+    },
+    Target {
+        lhs: "wait_cpu_frac_reader200ms_expedited_classic",
+        rhs: None,
+        factor: 0.05,
+        at_least: false,
+    },
 ];
+
+/// A value for the targets table: ns for `_ns` keys, else a plain number.
+fn fmt_value(key: &str, v: f64) -> String {
+    if key.ends_with("_ns") {
+        fmt_ns(v)
+    } else if !v.is_finite() {
+        "n/a".into()
+    } else {
+        format!("{v:.3}")
+    }
+}
 
 /// Evaluates one target: `Some((pass, measured ratio or value))`, or
 /// `None` if a key is missing (e.g. no `/dev/kvm`).
@@ -1014,7 +1267,10 @@ impl Report {
              by that thread's operations in it (per-thread cost while they really run at once; \
              `reps` counts such windows; windows in which another tenant descheduled either \
              thread are left out, and the note gives the whole-span figure). Everything else is wall-clock time per \
-             call. \"x srcu\" is this row divided by the srcu row of the same comparison.\n"
+             call. \"x srcu\" is this row divided by the srcu row of the same comparison. \
+             Grace-period notes (membarriers per GP, scans, waits and the CPU they burnt) are \
+             `srcu.stats()` deltas over exactly the timed calls of the row; rows marked (ref) \
+             are physical floors (a bare `membarrier`, srcu fast's two bare rseq adds).\n"
         );
         let mut group = "";
         for r in &self.rows {
@@ -1028,7 +1284,9 @@ impl Report {
                 let _ = writeln!(s, "|---|---:|---:|---:|---:|---|---|");
             }
             let ratio = match r.baseline {
-                Some(b) if b.is_finite() && b > 0.0 => format!("{:.2}", r.ns / b),
+                Some(b) if b.is_finite() && b > 0.0 && r.ns.is_finite() => {
+                    format!("{:.2}", r.ns / b)
+                }
                 _ => String::new(),
             };
             let _ = writeln!(
@@ -1053,27 +1311,28 @@ impl Report {
                 let _ = writeln!(s, "- {k}");
             }
         }
-        let _ = writeln!(s, "\n### Targets (issue 6)\n");
+        let _ = writeln!(s, "\n### Targets (issue 6; floors; side effects)\n");
         let _ = writeln!(s, "| target | measured | result |");
         let _ = writeln!(s, "|---|---:|---|");
         for t in TARGETS {
             let op = if t.at_least { ">=" } else { "<=" };
             let text = match t.rhs {
                 Some(r) => format!("`{}` {op} {} x `{r}`", t.lhs, t.factor),
-                None => format!("`{}` {op} {}", t.lhs, fmt_ns(t.factor)),
+                None => format!("`{}` {op} {}", t.lhs, fmt_value(t.lhs, t.factor)),
             };
             let (m, res) = match evaluate(self, t) {
                 Some((pass, v)) => (
                     if t.rhs.is_some() {
                         format!("{v:.3} x")
                     } else {
-                        fmt_ns(v)
+                        fmt_value(t.lhs, v)
                     },
                     if pass { "PASS" } else { "MISS" },
                 ),
                 None => (
                     "n/a".into(),
-                    "not measured (no /dev/kvm, or no window with both threads on a CPU)",
+                    "not measured (no /dev/kvm, membarrier or rseq, or no window with both \
+                     threads on a CPU)",
                 ),
             };
             let _ = writeln!(s, "| {text} | {m} | {res} |");
@@ -1086,10 +1345,13 @@ impl Report {
         let mut s = String::from("{\n");
         let n = self.values.len();
         for (i, (k, v)) in self.values.iter().enumerate() {
-            let v = if v.is_finite() {
+            let v = if !v.is_finite() {
+                "null".into()
+            } else if k.ends_with("_ns") {
                 format!("{v:.3}")
             } else {
-                "null".into()
+                // Counts per grace period, fractions, shares.
+                format!("{v:.6}")
             };
             let _ = writeln!(s, "  \"{k}\": {v}{}", if i + 1 < n { "," } else { "" });
         }
@@ -1108,6 +1370,9 @@ mod tests {
     fn every_measurement_runs_once() {
         let t0 = std::time::Instant::now();
         let rep = run(&Config::tiny(), |_| {});
+        let fast = Srcu::new_fast();
+        let membarrier = fast.reader_mode() == ReaderMode::Membarrier;
+        let rseq = fast.counter_path() == srcu::CounterPath::Rseq;
         for key in [
             "read_srcu_ns",
             "read_srcu_fast_ns",
@@ -1133,7 +1398,26 @@ mod tests {
             "unregister_ns",
             "startup20_ns",
             "startup20_sync_ns",
-        ] {
+            "synchronize_reader200ms_classic_ns",
+            "synchronize_reader200ms_fast_ns",
+            "synchronize_expedited_reader200ms_classic_ns",
+            "synchronize_expedited_reader200ms_fast_ns",
+        ]
+        .into_iter()
+        .chain(
+            membarrier
+                .then_some([
+                    "membarrier_call_ns",
+                    "membarriers_per_idle_gp_fast",
+                    "membarriers_per_idle_gp_expedited_fast",
+                    "membarriers_per_gp_reader200ms_fast",
+                    "membarriers_per_gp_reader200ms_expedited_fast",
+                ])
+                .into_iter()
+                .flatten(),
+        )
+        .chain(rseq.then_some("read_rseq_pair_floor_ns"))
+        {
             let v = rep.get(key).unwrap_or_else(|| panic!("missing {key}"));
             if key.contains("_2t") {
                 // At this size a 2-thread row may have no window with both
@@ -1144,6 +1428,21 @@ mod tests {
                 continue;
             }
             assert!(v.is_finite() && v > 0.0, "{key} = {v}");
+        }
+        // CPU fractions of a wait may be 0 (a coarse CPU clock), never
+        // negative or missing.
+        for key in [
+            "wait_cpu_frac_reader200ms_fast",
+            "wait_cpu_frac_reader200ms_classic",
+            "wait_cpu_frac_reader200ms_expedited_fast",
+            "wait_cpu_frac_reader200ms_expedited_classic",
+            "caller_cpu_frac_reader200ms_fast",
+            "caller_cpu_frac_reader200ms_classic",
+            "caller_cpu_frac_reader200ms_expedited_fast",
+            "caller_cpu_frac_reader200ms_expedited_classic",
+        ] {
+            let v = rep.get(key).unwrap_or_else(|| panic!("missing {key}"));
+            assert!(v.is_finite() && v >= 0.0, "{key} = {v}");
         }
         let md = rep.markdown();
         assert!(md.contains("### Targets"));

@@ -2,7 +2,13 @@
 //!
 //! Runs every comparison of issue 6 in one process and prints a markdown
 //! table (medians, ratios to srcu, repetition counts) and the targets; with
-//! `--json PATH` also writes a flat JSON object of the numbers (ns).
+//! `--json PATH` also writes a flat JSON object of the numbers (ns unless
+//! the key says otherwise: `membarriers_per_*` are counts per grace period,
+//! `*_cpu_frac_*` fractions). In the same run as the latencies it measures
+//! the grace periods' side effects (`membarrier` calls per grace period,
+//! CPU burnt while waiting for a reader, from `srcu.stats()` deltas and the
+//! caller's thread CPU clock) and the physical floors (one bare
+//! `membarrier`, two bare rseq per-CPU adds).
 
 use benches::report::{self, Config};
 use std::time::Instant;
