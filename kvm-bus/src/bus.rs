@@ -63,9 +63,9 @@ struct Entry {
     dev: DevRef,
 }
 
-/// One bus: an immutable array of `(range, device)` sorted by range
-/// (address, then length; equal ranges in registration order), looked up
-/// by binary search.
+/// One bus: an immutable array of `(range, device)` sorted by address,
+/// then by length *descending*, equal ranges latest-registered first
+/// (so that reverse order is dispatch order), looked up by binary search.
 ///
 /// A published bus is never modified: [`Buses`](crate::Buses) builds a new
 /// one for every update. Readers get a `&IoBus` from
@@ -74,8 +74,19 @@ struct Entry {
 ///
 /// Dispatch (Linux `kvm_io_bus_read`/`write`): the access must lie
 /// entirely inside a device's range. The devices whose range contains it
-/// are tried in table order until one accepts; if none does (or none
-/// covers it), the result is [`BusError::Unhandled`]. Accesses of length
+/// are tried **most specific first** until one accepts: the range that
+/// starts last first; for equal starts, the shorter first; equal ranges in
+/// registration order. If none accepts (or none covers the access), the
+/// result is [`BusError::Unhandled`].
+///
+/// With `A = [0, 0x100)`, `B = [0x10, 0x14)` and `C = [0x50, 0x58)`, a
+/// write at 0x50 goes to `C`, as in Linux, whose `__kvm_io_bus_write` tries
+/// only the run of matching entries around its binary-search hit (here
+/// `C`). Unlike Linux, if `C` declines the write, `A` is tried next
+/// (Linux would return `-EOPNOTSUPP` without trying `A`): a device nested
+/// in a larger window (an ioeventfd doorbell inside a BAR) gets first
+/// refusal, and the window gets what it declines. `B` does not cover
+/// 0x50 and is never called. Accesses of length
 /// 0 or more than [`MAX_ACCESS_LEN`] are [`BusError::InvalidAccessLength`].
 /// No lock, allocation or system call: a binary search, then the
 /// overlapping entries.
@@ -126,21 +137,24 @@ impl IoBus {
         }
     }
 
-    /// This bus's entries merged with `new`, sorted (stable: equal ranges
-    /// keep registration order, as Linux inserts after equal entries). A
-    /// merge straight into the new table, not a sort: the table is already
-    /// sorted. No device count is touched.
+    /// This bus's entries merged with `new`, in table order
+    /// ([`order_key`]; a new range goes before existing equal ones, and
+    /// within `new` later entries before earlier ones, so that reverse
+    /// table order is registration order). A merge straight into the new
+    /// table, not a sort: the table is already sorted. No device count is
+    /// touched.
     ///
     /// # Safety
     ///
     /// The devices of `new` must be backed by strong counts as
     /// [`DevRef::new`] requires (the caller moves them into its registry).
     pub(crate) unsafe fn with_added(&self, new: &mut [(IoRange, Arc<dyn IoDevice>)]) -> IoBus {
-        new.sort_by_key(|(r, _)| *r);
+        new.reverse();
+        new.sort_by_key(|(r, _)| order_key(r)); // stable: reversed among equals
         let mut b = Builder::with_capacity(self.len() + new.len());
         let mut old = self.entries.iter().peekable();
         for (range, dev) in new.iter() {
-            while let Some(e) = old.next_if(|e| e.range <= *range) {
+            while let Some(e) = old.next_if(|e| order_key(&e.range) < order_key(range)) {
                 b.push(e.range, e.dev.copy());
             }
             // SAFETY: forwarded to the caller.
@@ -161,10 +175,53 @@ impl IoBus {
         b.finish()
     }
 
+    /// This bus without entry `i`, and with its device at `to` instead if
+    /// `to` is given (a move: one table, the device reachable at exactly
+    /// one of the two ranges in every table). The moved entry goes before
+    /// existing equal ranges, as a registration would.
+    pub(crate) fn with_entry_moved(&self, i: usize, to: Option<IoRange>) -> IoBus {
+        let mut b = Builder::with_capacity(self.len());
+        let moved = &self.entries[i];
+        let mut pending = to;
+        for (j, e) in self.entries.iter().enumerate() {
+            if let Some(to) = pending.filter(|to| order_key(&e.range) >= order_key(to)) {
+                b.push(to, moved.dev.copy());
+                pending = None;
+            }
+            if j != i {
+                b.push(e.range, e.dev.copy());
+            }
+        }
+        if let Some(to) = pending {
+            b.push(to, moved.dev.copy());
+        }
+        b.finish()
+    }
+
+    /// The index of the entry of `dev` at exactly `range`.
+    pub(crate) fn position(&self, range: IoRange, dev: &Arc<dyn IoDevice>) -> Option<usize> {
+        self.entries
+            .iter()
+            .position(|e| e.range == range && Arc::ptr_eq(e.dev.get(), dev))
+    }
+
+    /// The first entry whose range overlaps `range`, other than entry
+    /// `except`.
+    pub(crate) fn overlap(&self, range: IoRange, except: Option<usize>) -> Option<IoRange> {
+        // Entries starting after `range` ends cannot overlap it.
+        let hi = self.starts.partition_point(|&start| start <= range.last());
+        self.entries[..hi]
+            .iter()
+            .enumerate()
+            .find(|(j, e)| Some(*j) != except && e.range.last() >= range.addr())
+            .map(|(_, e)| e.range)
+    }
+
     /// Indices of the entries whose range contains `[addr, last]`, in
-    /// table order. Entries `[0, hi)` start at or before `addr`; entries
-    /// before `lo` (and everything before them) end before `last`. In a
-    /// bus without overlaps this is at most one entry.
+    /// dispatch order: *reverse* table order, i.e. most specific first (see
+    /// the type docs). Entries `[0, hi)` start at or before `addr`; entries
+    /// before `lo` (and everything before them) end before `last`. In a bus
+    /// without overlaps this is at most one entry.
     #[inline]
     fn candidates(&self, addr: u64, last: u64) -> impl Iterator<Item = (usize, &Entry)> {
         let hi = self.starts.partition_point(|&start| start <= addr);
@@ -176,6 +233,7 @@ impl IoBus {
         self.entries[lo..hi]
             .iter()
             .enumerate()
+            .rev()
             .map(move |(i, e)| (lo + i, e))
             .filter(move |(_, e)| e.range.last() >= last)
     }
@@ -352,8 +410,9 @@ impl IoBus {
         self.entries.get(i).map(|e| (e.range, e.dev.get()))
     }
 
-    /// The first device whose range contains the byte at `addr` (Linux
-    /// `kvm_io_bus_get_dev`), without calling it.
+    /// The device that dispatch would try first for the byte at `addr`
+    /// (the most specific range containing it; Linux `kvm_io_bus_get_dev`),
+    /// without calling it.
     ///
     /// ```
     /// # use kvm_bus::{Buses, BusKind, BusError, Declined, IoDevice, IoRange};
@@ -401,8 +460,9 @@ impl IoBus {
         self.entries.is_empty()
     }
 
-    /// The entries in table order (the order dispatch tries them, and the
-    /// indices [`write_cookie`](IoBus::write_cookie) returns).
+    /// The entries in table order (by address; dispatch tries the entries
+    /// covering an access in the reverse of this order), indexed as
+    /// [`write_cookie`](IoBus::write_cookie) numbers them.
     ///
     /// ```
     /// # use kvm_bus::{Buses, BusKind, BusError, Declined, IoDevice, IoRange};
@@ -426,6 +486,13 @@ impl IoBus {
     }
 }
 
+/// The table order: by address, then by length descending. Reverse table
+/// order among the entries covering an access is then "starts last first,
+/// shorter first": the most specific range first.
+pub(crate) fn order_key(r: &IoRange) -> (u64, core::cmp::Reverse<u64>) {
+    (r.addr(), core::cmp::Reverse(r.len()))
+}
+
 /// Builds a table from entries pushed in sorted order, in one pass.
 struct Builder {
     entries: Vec<Entry>,
@@ -445,7 +512,10 @@ impl Builder {
     }
 
     fn push(&mut self, range: IoRange, dev: DevRef) {
-        debug_assert!(self.entries.last().is_none_or(|e| e.range <= range));
+        debug_assert!(self
+            .entries
+            .last()
+            .is_none_or(|e| order_key(&e.range) <= order_key(&range)));
         self.overlapping |= !self.entries.is_empty() && range.addr() <= self.max_last;
         self.max_last = self.max_last.max(range.last());
         self.starts.push(range.addr());
@@ -578,10 +648,11 @@ mod tests {
         assert!(addrs.windows(2).all(|w| w[0] < w[1]));
     }
 
+    /// The documented rule with the issue's example: A = [0, 0x100),
+    /// B = [0x10, 0x14), C = [0x50, 0x58); a write at 0x50 goes to C (as in
+    /// Linux), and to A only if C declines (unlike Linux); B never.
     #[test]
-    fn overlapping_ranges_tried_in_order_until_one_accepts() {
-        // Nested ranges with a non-containing one in between: dispatch
-        // must not stop at the gap.
+    fn overlapping_ranges_most_specific_first_until_one_accepts() {
         let big = Dev::new(1, Some(0xaa));
         let small = Dev::new(2, Some(0xbb));
         let inner = Dev::new(3, Some(0xcc));
@@ -591,9 +662,20 @@ mod tests {
             (r(0x50, 8), inner.clone()),
         ]);
         assert_eq!(b.write_cookie(usize::MAX, 0x50, &[0xcc]), Ok(2));
-        assert_eq!(big.calls.load(Relaxed), 1);
+        assert_eq!(big.calls.load(Relaxed), 0, "C accepted first");
+        assert_eq!(inner.calls.load(Relaxed), 1);
         assert_eq!(small.calls.load(Relaxed), 0, "not covering: never called");
         assert_eq!(b.write_cookie(usize::MAX, 0x50, &[0xaa]), Ok(0));
+        assert_eq!(inner.calls.load(Relaxed), 2, "C declined, then A");
+        // Same start: the shorter range first.
+        let wide = Dev::new(4, None);
+        let narrow = Dev::new(5, None);
+        let b2 = bus(&[
+            (r(0x200, 0x10), wide.clone()),
+            (r(0x200, 4), narrow.clone()),
+        ]);
+        assert_eq!(read_tag(&b2, 0x200, 4), Ok(5));
+        assert_eq!(read_tag(&b2, 0x204, 4), Ok(4));
         assert_eq!(
             b.write(0x50, &[0xbb]),
             Err(BusError::Unhandled { addr: 0x50, len: 1 })
@@ -609,23 +691,31 @@ mod tests {
         let c = Dev::new(2, Some(2));
         let b = bus(&[(r(0x40, 4), a.clone())]);
         let b = add(&b, &[(r(0x40, 4), c.clone() as Arc<dyn IoDevice>)]);
-        assert_eq!(b.write_cookie(usize::MAX, 0x40, &[2]), Ok(1));
+        // Table [c, a]; dispatch tries a (registered first), then c.
+        assert_eq!(b.write_cookie(usize::MAX, 0x40, &[2]), Ok(0));
         assert_eq!(a.calls.load(Relaxed), 1);
-        assert_eq!(b.write_cookie(usize::MAX, 0x40, &[1]), Ok(0));
+        assert_eq!(b.write_cookie(usize::MAX, 0x40, &[1]), Ok(1));
+        // Within one batch too.
+        let d = Dev::new(3, Some(3));
+        let e = Dev::new(4, Some(4));
+        let b = bus(&[(r(0x40, 4), d.clone()), (r(0x40, 4), e.clone())]);
+        assert_eq!(b.write_cookie(usize::MAX, 0x40, &[4]), Ok(0));
+        assert_eq!(d.calls.load(Relaxed), 1, "registered first, tried first");
     }
 
     #[test]
     fn cookie_hit_skips_search_and_miss_falls_back() {
         let a = Dev::new(1, Some(1));
         let c = Dev::new(2, Some(2));
+        // Table [c, a].
         let b = bus(&[(r(0x40, 4), a.clone()), (r(0x40, 4), c.clone())]);
-        assert_eq!(b.write_cookie(1, 0x40, &[2]), Ok(1));
+        assert_eq!(b.write_cookie(0, 0x40, &[2]), Ok(0));
         assert_eq!(a.calls.load(Relaxed), 0, "cookie hit: no search");
         // Declining cookie device is not called twice.
-        assert_eq!(b.write_cookie(1, 0x40, &[1]), Ok(0));
+        assert_eq!(b.write_cookie(0, 0x40, &[1]), Ok(1));
         assert_eq!(c.calls.load(Relaxed), 2);
         // Out-of-range or non-covering cookies are ignored.
-        assert_eq!(b.write_cookie(7, 0x40, &[1]), Ok(0));
+        assert_eq!(b.write_cookie(7, 0x40, &[1]), Ok(1));
         assert_eq!(
             b.write_cookie(0, 0x44, &[1]),
             Err(BusError::Unhandled { addr: 0x44, len: 1 })
@@ -667,12 +757,13 @@ mod tests {
     }
 
     #[test]
-    fn get_dev_first_covering() {
+    fn get_dev_most_specific() {
         let a = Dev::new(1, None);
         let c = Dev::new(2, None);
         let b = bus(&[(r(0x10, 0x10), a.clone()), (r(0x18, 2), c.clone())]);
-        let a_dyn: Arc<dyn IoDevice> = a;
-        assert!(Arc::ptr_eq(b.get_dev(0x19).unwrap(), &a_dyn));
+        let (a_dyn, c_dyn): (Arc<dyn IoDevice>, Arc<dyn IoDevice>) = (a, c);
+        assert!(Arc::ptr_eq(b.get_dev(0x19).unwrap(), &c_dyn));
+        assert!(Arc::ptr_eq(b.get_dev(0x1a).unwrap(), &a_dyn));
         assert!(b.get_dev(0x20).is_none());
         assert!(b.get_dev(0xf).is_none());
         assert!(IoBus::default().get_dev(0).is_none());
@@ -704,7 +795,7 @@ mod tests {
     }
 
     /// Brute force against the definition: for random tables and accesses,
-    /// dispatch tries exactly the covering entries, in order.
+    /// dispatch tries exactly the covering entries, in reverse table order.
     #[test]
     fn candidates_match_linear_scan() {
         let mut seed = 0x2545_f491_4f6c_dd1du64;
@@ -749,6 +840,7 @@ mod tests {
                     .entries
                     .iter()
                     .enumerate()
+                    .rev()
                     .filter(|(_, e)| e.range.contains(addr, last - addr + 1))
                     .map(|(i, _)| i)
                     .collect();

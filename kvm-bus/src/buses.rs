@@ -6,6 +6,7 @@ use crate::device::IoDevice;
 use crate::error::BusError;
 use crate::kind::BusKind;
 use crate::range::IoRange;
+use crate::removal::Removal;
 use crate::MAX_IO_BUS_DEVICES;
 use core::fmt;
 use core::sync::atomic::{fence, Ordering};
@@ -46,6 +47,9 @@ struct Registry {
     /// also excludes every `&IoBus` that [`Buses::get_bus`] handed out
     /// under the same guard.
     owned: [Vec<Arc<dyn IoDevice>>; 3],
+    /// Per bus: refuse ranges that overlap a registered one
+    /// ([`Buses::set_reject_overlaps`]).
+    reject_overlaps: [bool; 3],
 }
 
 /// Proof that the slots lock of one [`Buses`] is held; from
@@ -182,17 +186,18 @@ impl<F: Flavor> Buses<F> {
     /// guard is the proof the update-side methods ask for: shared for
     /// [`get_bus`](Buses::get_bus), mutable for the updates.
     ///
-    /// **Deadlock risk inside a read section.** An unregister holds the
-    /// slots lock across its grace period, and that grace period waits for
-    /// every read section in progress. So a thread inside a read section
-    /// of this domain (a device handler during dispatch, or a holder of
-    /// [`read_lock`](Buses::read_lock)) that calls `lock_slots` while
-    /// another thread is unregistering waits for that thread, which waits
-    /// for it: neither returns. The unregister methods detect only the
-    /// self-wait ([`BusError::InReadSection`]); they cannot see this one.
-    /// A device handler that wants to change the buses should hand the
-    /// request to a VMM thread that is outside any section instead of
-    /// taking the lock itself.
+    /// **From a device handler.** The lock is only ever held for the
+    /// length of a table publish: the blocking unregisters release it while
+    /// they wait for their grace period
+    /// ([`UpdateGuard::unlocked`](srcu::UpdateGuard::unlocked)). So a
+    /// handler, inside the read section of its access, may take it to
+    /// [`move_range`](Buses::move_range) (BAR relocation),
+    /// [`start_unregister`](Buses::start_unregister) (eject) or register,
+    /// none of which waits for a grace period, without deadlocking against
+    /// an unregister on another thread. (The unregisters that do wait
+    /// return [`BusError::InReadSection`] there.) What still deadlocks: a
+    /// thread that keeps a `SlotsGuard` while it waits for a vCPU, e.g.
+    /// joins a vCPU thread whose handler wants the lock.
     ///
     /// ```
     /// let buses = kvm_bus::Buses::new();
@@ -240,15 +245,21 @@ impl<F: Flavor> Buses<F> {
         }
     }
 
-    /// The current bus, for a reader (Linux `kvm_get_bus_srcu`): barrier
-    /// `smp_mb__after_srcu_read_lock()`
-    /// ([`ReadGuard::mb_after_read_lock`]), then `srcu_dereference`. This
-    /// is the read path: no lock, allocation or system call.
+    /// The current bus, for a reader (Linux `kvm_get_bus_srcu`): a load
+    /// barrier, then `srcu_dereference`. This is the read path: no lock,
+    /// allocation or system call.
     ///
     /// The barrier gives the observation guarantee: if this thread saw,
     /// before the section began, anything stored after a
     /// [`register_dev`](Buses::register_dev) returned (guest memory
-    /// included), the bus returned here contains the device.
+    /// included), the bus returned here contains the device. That is the
+    /// message-passing pattern, which needs only the reader's earlier loads
+    /// ordered before its load of the bus pointer (the seed patch's own VMX
+    /// fix uses `smp_rmb()` for it), not the full fence of
+    /// `smp_mb__after_srcu_read_lock()`: an acquire fence, which is a
+    /// compiler barrier on x86_64 and `dmb ishld` on arm64. A caller that
+    /// also needs its earlier *stores* ordered before the section's loads
+    /// calls [`ReadGuard::mb_after_read_lock`] itself.
     ///
     /// The reference borrows both the guard and `self`: it cannot outlive
     /// the read section.
@@ -266,7 +277,25 @@ impl<F: Flavor> Buses<F> {
     /// ```
     #[inline]
     pub fn get_bus_srcu<'g>(&'g self, guard: &'g ReadGuard<'_, F>, kind: BusKind) -> &'g IoBus {
-        guard.mb_after_read_lock();
+        // The observation guarantee, as a litmus test (message passing):
+        //
+        //   updater (register_dev)            vCPU (this function)
+        //   P: cells[kind].swap(new, AcqRel)  r0 = flag (any load: guest
+        //   fence(SeqCst)          [W]           memory, an atomic, ...)
+        //   flag = 1 (any store)              fence(Acquire)          [R]
+        //                                     r1 = cells[kind] (Acquire, Q)
+        //
+        //   forbidden: r0 == 1 && r1 == old table.
+        //
+        // W (after the publish in `register_many`, `move_range`,
+        // `publish_removal`) is a release fence before the flag store; R
+        // orders the flag load before the pointer load; a flag load that
+        // reads W's flag store therefore synchronises with it, and the
+        // pointer load sees the publish or a later one. Only load->load
+        // order is needed on the reader's side: no store of the vCPU is
+        // involved. This does not replace SRCU's own ordering: the table
+        // stays valid because the section covers the dereference.
+        fence(Ordering::Acquire);
         match self.cells[kind.index()].dereference(guard) {
             Some(bus) => bus,
             None => empty_cell(),
@@ -466,13 +495,13 @@ impl<F: Flavor> Buses<F> {
 
     /// Registers `dev` at `range` (Linux `kvm_io_bus_register_dev`):
     /// builds a new table with the device, publishes it, and hands the old
-    /// one to `call_srcu`. Never waits for a grace period (but the slots
-    /// lock it needs is held by an unregister across its grace period, so
-    /// [`lock_slots`](Buses::lock_slots) may wait for one).
+    /// one to `call_srcu`. Never waits for a grace period (the slots lock is
+    /// held only for table publishes, never across a grace period).
     ///
     /// Readers that began before the publish may still dispatch on the old
     /// table; see the [crate documentation](crate) for what is
-    /// guaranteed. Equal ranges are tried in registration order.
+    /// guaranteed. Among overlapping ranges, dispatch tries the most
+    /// specific first ([`IoBus`]); equal ranges in registration order.
     ///
     /// # Errors
     ///
@@ -558,6 +587,21 @@ impl<F: Flavor> Buses<F> {
             Some(n) if n <= self.max_devices => {}
             _ => return Err(full),
         }
+        for (range, _) in &new {
+            self.check_range(slots, bus, kind, *range, None)?;
+        }
+        if slots.guard.reject_overlaps[kind.index()] {
+            // Within the batch too.
+            let mut ranges: Vec<IoRange> = new.iter().map(|(r, _)| *r).collect();
+            ranges.sort_unstable();
+            if let Some(w) = ranges.windows(2).find(|w| w[1].addr() <= w[0].last()) {
+                return Err(BusError::Overlap {
+                    kind,
+                    range: w[1],
+                    existing: w[0],
+                });
+            }
+        }
         // SAFETY: the counts of `new` move into the registry right below,
         // under the same slots lock, and stay there until unregistration
         // has waited for a grace period after this table (and any later one
@@ -565,11 +609,11 @@ impl<F: Flavor> Buses<F> {
         let new_bus = unsafe { bus.with_added(&mut new) };
         slots.guard.owned[kind.index()].extend(new.into_iter().map(|(_, d)| d));
         let old = self.cells[kind.index()].assign(new_bus, &mut slots.guard);
-        // Writer half of the observation guarantee: orders the publish
-        // before every store this thread makes after returning (a flag, a
-        // reply to the guest), pairing with the reader's barrier in
-        // `get_bus_srcu` (`mb_after_read_lock`, or B of a classic
-        // `read_lock`). Free on x86_64 after the locked swap of `assign`.
+        // W, the writer half of the observation guarantee: orders the
+        // publish before every store this thread makes after returning (a
+        // flag, a reply to the guest), pairing with fence R in
+        // `get_bus_srcu` (litmus test there). Free on x86_64 after the
+        // locked swap of `assign`.
         fence(Ordering::SeqCst);
         drop(old); // the table's memory, freed by call_srcu: no wait here
 
@@ -578,8 +622,10 @@ impl<F: Flavor> Buses<F> {
 
     /// Unregisters `dev` (Linux `kvm_io_bus_unregister_dev`): removes
     /// every entry of that device (compared by address, `Arc::ptr_eq`),
-    /// publishes the new table, waits for a grace period, frees the old
-    /// table and releases the buses' references to `dev` before returning.
+    /// publishes the new table, waits for a grace period (with the slots
+    /// lock released, so that device handlers may take it meanwhile), frees
+    /// the old table and releases the buses' references to `dev` before
+    /// returning.
     /// Afterwards no dispatch calls `dev` and the buses hold no reference to
     /// it (older tables still queued for their deferred free hold only
     /// non-owning pointers that nothing follows any more).
@@ -588,9 +634,9 @@ impl<F: Flavor> Buses<F> {
     /// inside a read section of their domain on the calling thread, it
     /// would wait for a grace period that waits for the caller itself:
     /// it returns [`BusError::InReadSection`] instead, checked before
-    /// anything changes (release and debug builds alike). See
-    /// [`lock_slots`](Buses::lock_slots) for the deadlock a handler risks
-    /// by taking the slots lock at all.
+    /// anything changes (release and debug builds alike). From a handler,
+    /// use [`start_unregister`](Buses::start_unregister), which does not
+    /// wait.
     ///
     /// # Errors
     ///
@@ -681,14 +727,123 @@ impl<F: Flavor> Buses<F> {
     ) -> Result<(), BusError> {
         self.check(slots);
         // Before anything changes: the grace period below would wait for
-        // the caller's own section (Stale::synchronize* panics then; before
-        // it checked, this published the new table and then hung).
+        // the caller's own section.
         if self.srcu.in_read_section() {
             return Err(BusError::InReadSection { kind });
         }
         if devs.is_empty() {
             return Ok(());
         }
+        let removal = self.start_unregister_many(slots, kind, devs)?;
+        // Wait without the slots lock: a device handler may need it (to
+        // move a BAR, or to start an eject) while this waits for that very
+        // handler's read section. Sound because `slots` is borrowed
+        // mutably: no reference obtained under it is alive.
+        slots.guard.unlocked(|| removal.wait())
+    }
+
+    /// Unregisters the one entry of `dev` at exactly `range`, leaving the
+    /// device's other ranges in place, and waits as
+    /// [`unregister_dev`](Buses::unregister_dev) does. This is what Linux's
+    /// `kvm_io_bus_unregister_dev` does (it removes one entry per call);
+    /// `unregister_dev` removes every entry of the device.
+    ///
+    /// # Errors
+    ///
+    /// [`BusError::InReadSection`] as `unregister_dev`;
+    /// [`BusError::NotRegistered`] if `dev` has no entry at `range`. The
+    /// bus is unchanged and nothing waits.
+    ///
+    /// ```
+    /// use kvm_bus::{Buses, BusKind, Declined, IoDevice, IoRange};
+    /// use std::sync::Arc;
+    /// struct Kbd;
+    /// impl IoDevice for Kbd {
+    ///     fn read(&self, _: u64, d: &mut [u8]) -> Result<(), Declined> { d.fill(0); Ok(()) }
+    ///     fn write(&self, _: u64, _: &[u8]) -> Result<(), Declined> { Ok(()) }
+    /// }
+    /// let buses = Buses::new();
+    /// let kbd: Arc<dyn IoDevice> = Arc::new(Kbd);
+    /// let (data, cmd) = (IoRange::new(0x60, 1)?, IoRange::new(0x64, 1)?);
+    /// let mut slots = buses.lock_slots();
+    /// buses.register_many(&mut slots, BusKind::Pio, [(data, kbd.clone()), (cmd, kbd.clone())])?;
+    /// buses.unregister_range(&mut slots, BusKind::Pio, cmd, &kbd)?;
+    /// drop(slots);
+    /// assert!(buses.get_dev(BusKind::Pio, 0x60).is_some());
+    /// assert!(buses.get_dev(BusKind::Pio, 0x64).is_none());
+    /// # Ok::<(), kvm_bus::BusError>(())
+    /// ```
+    pub fn unregister_range(
+        &self,
+        slots: &mut SlotsGuard<'_>,
+        kind: BusKind,
+        range: IoRange,
+        dev: &Arc<dyn IoDevice>,
+    ) -> Result<(), BusError> {
+        self.check(slots);
+        if self.srcu.in_read_section() {
+            return Err(BusError::InReadSection { kind });
+        }
+        let removal = self.start_unregister_range(slots, kind, range, dev)?;
+        slots.guard.unlocked(|| removal.wait())
+    }
+
+    /// Starts unregistering every entry of `dev`: publishes the table
+    /// without it at once and returns a [`Removal`] that completes after a
+    /// grace period, without waiting. Callable from a device handler (inside
+    /// a read section), e.g. when the guest writes an eject register.
+    ///
+    /// # Errors
+    ///
+    /// [`BusError::NotRegistered`] if `dev` is not on the bus; the bus is
+    /// unchanged.
+    ///
+    /// See [`Removal`] for an example.
+    pub fn start_unregister(
+        &self,
+        slots: &mut SlotsGuard<'_>,
+        kind: BusKind,
+        dev: &Arc<dyn IoDevice>,
+    ) -> Result<Removal, BusError> {
+        self.start_unregister_many(slots, kind, core::slice::from_ref(dev))
+    }
+
+    /// [`start_unregister`](Buses::start_unregister) for a batch: one
+    /// publish, one grace period for all. All or nothing.
+    ///
+    /// # Errors
+    ///
+    /// [`BusError::NotRegistered`] if any of `devs` is not on the bus; the
+    /// bus is unchanged.
+    ///
+    /// ```
+    /// # use kvm_bus::{Buses, BusKind, Declined, IoDevice, IoRange};
+    /// # use std::sync::Arc;
+    /// # struct Sink;
+    /// # impl IoDevice for Sink {
+    /// #     fn read(&self, _: u64, _: &mut [u8]) -> Result<(), Declined> { Err(Declined) }
+    /// #     fn write(&self, _: u64, _: &[u8]) -> Result<(), Declined> { Ok(()) }
+    /// # }
+    /// let buses = Buses::new();
+    /// let devs: Vec<Arc<dyn IoDevice>> = (0..4).map(|_| Arc::new(Sink) as _).collect();
+    /// let mut slots = buses.lock_slots();
+    /// buses.register_many(&mut slots, BusKind::Mmio, devs.iter().enumerate().map(|(i, d)| {
+    ///     (IoRange::new(0x1000 * i as u64, 0x100).unwrap(), d.clone())
+    /// }))?;
+    /// let removal = buses.start_unregister_many(&mut slots, BusKind::Mmio, &devs[1..])?;
+    /// assert_eq!(buses.get_bus(&slots, BusKind::Mmio).len(), 1);
+    /// drop(slots);
+    /// removal.wait()?;
+    /// assert!(devs[1..].iter().all(|d| Arc::strong_count(d) == 1));
+    /// # Ok::<(), kvm_bus::BusError>(())
+    /// ```
+    pub fn start_unregister_many(
+        &self,
+        slots: &mut SlotsGuard<'_>,
+        kind: BusKind,
+        devs: &[Arc<dyn IoDevice>],
+    ) -> Result<Removal, BusError> {
+        self.check(slots);
         let mut gone: Vec<*const ()> = devs.iter().map(dev_addr).collect();
         gone.sort_unstable();
         gone.dedup();
@@ -700,16 +855,186 @@ impl<F: Flavor> Buses<F> {
         }
         let is_gone = |d: &Arc<dyn IoDevice>| gone.binary_search(&dev_addr(d)).is_ok();
         let new_bus = bus.without(is_gone);
+        let owned = &mut slots.guard.owned[kind.index()];
+        let released: Vec<_> = owned.extract_if(.., |d| is_gone(d)).collect();
+        Ok(self.publish_removal(slots, kind, new_bus, released))
+    }
+
+    /// [`start_unregister`](Buses::start_unregister) for the one entry of
+    /// `dev` at exactly `range`: its other ranges stay registered.
+    ///
+    /// # Errors
+    ///
+    /// [`BusError::NotRegistered`] if `dev` has no entry at `range`; the
+    /// bus is unchanged.
+    pub fn start_unregister_range(
+        &self,
+        slots: &mut SlotsGuard<'_>,
+        kind: BusKind,
+        range: IoRange,
+        dev: &Arc<dyn IoDevice>,
+    ) -> Result<Removal, BusError> {
+        self.check(slots);
+        let bus = self.get_bus(slots, kind);
+        let i = bus
+            .position(range, dev)
+            .ok_or(BusError::NotRegistered { kind })?;
+        let new_bus = bus.with_entry_moved(i, None);
+        let owned = &mut slots.guard.owned[kind.index()];
+        // One count per entry: release one of this device's.
+        let at = owned
+            .iter()
+            .position(|d| Arc::ptr_eq(d, dev))
+            .expect("the registry holds a count for every table entry");
+        let released = vec![owned.swap_remove(at)];
+        Ok(self.publish_removal(slots, kind, new_bus, released))
+    }
+
+    /// Publishes `new_bus` (which no longer holds the entries whose counts
+    /// are `released`) and hands both the old table and the counts to the
+    /// domain: they are released after one grace period.
+    fn publish_removal(
+        &self,
+        slots: &mut SlotsGuard<'_>,
+        kind: BusKind,
+        new_bus: IoBus,
+        released: Vec<Arc<dyn IoDevice>>,
+    ) -> Removal {
         let old = self.cells[kind.index()].assign(new_bus, &mut slots.guard);
-        // One grace period: every table that holds `devs` (this one and
-        // older ones still queued for their deferred free) was unpublished
-        // before it began, so afterwards no reader can reach them...
-        // Expedited, as Linux's kvm_io_bus_unregister_dev: the caller is
-        // waiting (hot-unplug, VM reset), not a background reclaimer.
-        drop(old.map(srcu::Stale::synchronize_expedited));
-        // ...and the registry may let go of the devices. (The queued old
-        // tables only hold non-owning pointers they never follow again.)
-        slots.guard.owned[kind.index()].retain(|d| !is_gone(d));
+        // Orders the unpublish before whatever the caller does next (tell
+        // the guest the device is gone), as registration does.
+        fence(Ordering::SeqCst);
+        // The grace period that completes the removal started after the
+        // unpublish; every older table still queued for its deferred free
+        // was unpublished earlier still, so afterwards no reader can reach
+        // the released devices. (Those tables hold non-owning pointers
+        // they never follow again.)
+        drop(old);
+        Removal::new(kind, self.srcu.retire(released))
+    }
+
+    /// Moves (or resizes) the entry of `dev` at `from` to `to`, as one
+    /// publication: every table has the device at exactly one of the two
+    /// ranges, never neither. No grace period: the old table is freed with
+    /// `call_srcu`, as registration does, so this is callable from a device
+    /// handler (a PCI config-space write that relocates a BAR), inside the
+    /// read section of that very access.
+    ///
+    /// After it returns, an access dispatched by a vCPU that has observed
+    /// the move (the registration guarantee of the [crate docs](crate))
+    /// goes to `to`, and `from` is no longer the device's. Accesses already
+    /// in flight on an older table may still reach `dev` at `from`.
+    ///
+    /// # Errors
+    ///
+    /// [`BusError::NotRegistered`] if `dev` has no entry at `from`;
+    /// [`BusError::OutsideBus`] if `to` does not fit the bus;
+    /// [`BusError::Overlap`] if the bus rejects overlaps and `to` overlaps
+    /// another entry. The bus is unchanged.
+    ///
+    /// ```
+    /// use kvm_bus::{Buses, BusKind, Declined, IoDevice, IoRange};
+    /// use std::sync::Arc;
+    /// struct Bar;
+    /// impl IoDevice for Bar {
+    ///     fn read(&self, _: u64, d: &mut [u8]) -> Result<(), Declined> { d.fill(0xb0); Ok(()) }
+    ///     fn write(&self, _: u64, _: &[u8]) -> Result<(), Declined> { Ok(()) }
+    /// }
+    /// let buses = Buses::new();
+    /// let bar: Arc<dyn IoDevice> = Arc::new(Bar);
+    /// let (old, new) = (IoRange::new(0xe000_0000, 0x1000)?, IoRange::new(0xf000_0000, 0x1000)?);
+    /// let mut slots = buses.lock_slots();
+    /// buses.register_dev(&mut slots, BusKind::Mmio, old, bar.clone())?;
+    /// buses.move_range(&mut slots, BusKind::Mmio, &bar, old, new)?;
+    /// drop(slots);
+    /// assert!(buses.get_dev(BusKind::Mmio, 0xe000_0000).is_none());
+    /// assert!(buses.get_dev(BusKind::Mmio, 0xf000_0000).is_some());
+    /// # Ok::<(), kvm_bus::BusError>(())
+    /// ```
+    pub fn move_range(
+        &self,
+        slots: &mut SlotsGuard<'_>,
+        kind: BusKind,
+        dev: &Arc<dyn IoDevice>,
+        from: IoRange,
+        to: IoRange,
+    ) -> Result<(), BusError> {
+        self.check(slots);
+        let bus = self.get_bus(slots, kind);
+        let i = bus
+            .position(from, dev)
+            .ok_or(BusError::NotRegistered { kind })?;
+        self.check_range(slots, bus, kind, to, Some(i))?;
+        let new_bus = bus.with_entry_moved(i, Some(to));
+        let old = self.cells[kind.index()].assign(new_bus, &mut slots.guard);
+        // Writer half of the observation guarantee, as in `register_many`.
+        fence(Ordering::SeqCst);
+        drop(old); // freed by call_srcu: no wait here
+        Ok(())
+    }
+
+    /// Makes bus `kind` refuse ranges that overlap a registered one
+    /// ([`BusError::Overlap`]), or accept them again. Off by default, as in
+    /// Linux, where overlaps are legitimate: an ioeventfd doorbell inside a
+    /// device's BAR, a device that claims a window and declines what it
+    /// does not decode. cloud-hypervisor's bus rejects every overlap; a VMM
+    /// that wants that check turns it on. Changing it does not touch the
+    /// ranges already registered.
+    ///
+    /// ```
+    /// use kvm_bus::{Buses, BusError, BusKind, Declined, IoDevice, IoRange};
+    /// use std::sync::Arc;
+    /// struct Sink;
+    /// impl IoDevice for Sink {
+    ///     fn read(&self, _: u64, _: &mut [u8]) -> Result<(), Declined> { Err(Declined) }
+    ///     fn write(&self, _: u64, _: &[u8]) -> Result<(), Declined> { Ok(()) }
+    /// }
+    /// let buses = Buses::new();
+    /// let mut slots = buses.lock_slots();
+    /// buses.set_reject_overlaps(&mut slots, BusKind::Mmio, true);
+    /// let a = IoRange::new(0x1000, 0x100)?;
+    /// buses.register_dev(&mut slots, BusKind::Mmio, a, Arc::new(Sink))?;
+    /// let b = IoRange::new(0x10f0, 0x20)?;
+    /// assert_eq!(
+    ///     buses.register_dev(&mut slots, BusKind::Mmio, b, Arc::new(Sink)),
+    ///     Err(BusError::Overlap { kind: BusKind::Mmio, range: b, existing: a })
+    /// );
+    /// # Ok::<(), BusError>(())
+    /// ```
+    pub fn set_reject_overlaps(&self, slots: &mut SlotsGuard<'_>, kind: BusKind, reject: bool) {
+        self.check(slots);
+        slots.guard.reject_overlaps[kind.index()] = reject;
+    }
+
+    /// Whether bus `kind` refuses overlapping ranges; see
+    /// [`set_reject_overlaps`](Buses::set_reject_overlaps).
+    pub fn rejects_overlaps(&self, slots: &SlotsGuard<'_>, kind: BusKind) -> bool {
+        self.check(slots);
+        slots.guard.reject_overlaps[kind.index()]
+    }
+
+    /// Checks that `range` fits bus `kind` and, if the bus rejects
+    /// overlaps, overlaps no entry of `bus` other than `except`.
+    fn check_range(
+        &self,
+        slots: &SlotsGuard<'_>,
+        bus: &IoBus,
+        kind: BusKind,
+        range: IoRange,
+        except: Option<usize>,
+    ) -> Result<(), BusError> {
+        if range.last() > kind.max_addr() {
+            return Err(BusError::OutsideBus { kind, range });
+        }
+        if slots.guard.reject_overlaps[kind.index()] {
+            if let Some(existing) = bus.overlap(range, except) {
+                return Err(BusError::Overlap {
+                    kind,
+                    range,
+                    existing,
+                });
+            }
+        }
         Ok(())
     }
 }

@@ -19,14 +19,18 @@ pub struct Declined;
 /// range the device was registered with; `data.len()` is 1 to
 /// [`MAX_ACCESS_LEN`](crate::MAX_ACCESS_LEN).
 ///
-/// A handler runs inside an SRCU read section: it may block, but it
-/// should not register or unregister devices of the same
-/// [`Buses`](crate::Buses). Unregistering would wait for the section the
-/// handler is running in, so it returns
+/// A handler runs inside an SRCU read section: it may block (briefly:
+/// every blocking unregister of the domain waits for it), and it may
+/// reconfigure the [`Buses`](crate::Buses) it is on through the operations
+/// that do not wait for a grace period:
+/// [`move_range`](crate::Buses::move_range) (a guest relocating a BAR),
+/// [`start_unregister`](crate::Buses::start_unregister) (a guest ejecting a
+/// device), registration. A blocking unregister would wait for the section
+/// the handler is running in, so it returns
 /// [`BusError::InReadSection`](crate::BusError::InReadSection) instead and
-/// changes nothing; and merely taking the slots lock can deadlock with an
-/// unregister on another thread (see
-/// [`Buses::lock_slots`](crate::Buses::lock_slots)).
+/// changes nothing. A handler must not wait for a thread that updates the
+/// same buses and holds the slots lock meanwhile (only the stall hook
+/// would report that deadlock).
 /// A handler that panics ends the read section during unwinding and
 /// leaves the bus usable; the vCPU-exit adapter (`kvm_bus::kvm::run_vcpu`)
 /// catches the panic and reports it to its caller as a value.

@@ -1,6 +1,6 @@
 //! [`BusError`]: everything that can go wrong, with what and where.
 
-use crate::BusKind;
+use crate::{BusKind, IoRange};
 use core::fmt;
 
 /// Errors of range construction, registration and dispatch.
@@ -19,6 +19,14 @@ use core::fmt;
 #[non_exhaustive]
 pub enum BusError {
     /// A range of length 0 starting at `addr`.
+    ///
+    /// In the kernel, a length-0 range means "this exact address, any
+    /// access length" (ioeventfd doorbells without data match, on the fast
+    /// MMIO bus, where KVM does not decode the access). kvm-bus refuses it:
+    /// a userspace exit always carries the access's address and length, so
+    /// a doorbell is registered at its real width (`IoRange::new(db, 4)`)
+    /// and gets exactly the accesses that fit, with no special case in the
+    /// lookup of every other device.
     ZeroLength {
         /// Start of the rejected range.
         addr: u64,
@@ -37,10 +45,29 @@ pub enum BusError {
         /// Its cap ([`Buses::max_devices`](crate::Buses::max_devices)).
         max: usize,
     },
-    /// Unregistering a device that is not on the bus.
+    /// Unregistering (or moving) a device that is not on the bus (at the
+    /// given range, for the by-range operations).
     NotRegistered {
         /// The bus.
         kind: BusKind,
+    },
+    /// A range that does not fit the bus: past port `0xffff` on the PIO
+    /// bus ([`BusKind::max_addr`]).
+    OutsideBus {
+        /// The bus.
+        kind: BusKind,
+        /// The rejected range.
+        range: IoRange,
+    },
+    /// A range that overlaps one already registered, on a bus that rejects
+    /// overlaps ([`Buses::set_reject_overlaps`](crate::Buses::set_reject_overlaps)).
+    Overlap {
+        /// The bus.
+        kind: BusKind,
+        /// The rejected range.
+        range: IoRange,
+        /// The registered range it overlaps.
+        existing: IoRange,
     },
     /// Unregistering from inside a read section of the buses' own SRCU
     /// domain: from a device handler during dispatch, or while the calling
@@ -88,6 +115,19 @@ impl fmt::Display for BusError {
             BusError::NotRegistered { kind } => {
                 write!(f, "device is not registered on the {kind} bus")
             }
+            BusError::OutsideBus { kind, range } => write!(
+                f,
+                "I/O range {range} does not fit the {kind} bus (highest address {:#x})",
+                kind.max_addr()
+            ),
+            BusError::Overlap {
+                kind,
+                range,
+                existing,
+            } => write!(
+                f,
+                "I/O range {range} overlaps {existing} on the {kind} bus, which rejects overlaps"
+            ),
             BusError::InReadSection { kind } => write!(
                 f,
                 "cannot unregister from the {kind} bus inside a read section of its own SRCU \
@@ -133,6 +173,21 @@ mod tests {
             (
                 BusError::InReadSection { kind: BusKind::Pio },
                 "wait for the caller itself",
+            ),
+            (
+                BusError::OutsideBus {
+                    kind: BusKind::Pio,
+                    range: IoRange::new(0x1_0000, 8).unwrap(),
+                },
+                "I/O range [0x10000, 0x10007] does not fit the PIO bus (highest address 0xffff)",
+            ),
+            (
+                BusError::Overlap {
+                    kind: BusKind::Mmio,
+                    range: IoRange::new(0x1000, 0x10).unwrap(),
+                    existing: IoRange::new(0x1008, 4).unwrap(),
+                },
+                "overlaps [0x1008, 0x100b]",
             ),
             (
                 BusError::InvalidAccessLength { addr: 0x30, len: 9 },

@@ -24,6 +24,19 @@ impl BusKind {
     /// Every bus, in index order.
     pub const ALL: [BusKind; 3] = [BusKind::Mmio, BusKind::Pio, BusKind::FastMmio];
 
+    /// The highest address a range on this bus may cover: `0xffff` for
+    /// port I/O (x86 has 65536 ports), `u64::MAX` for the MMIO buses.
+    ///
+    /// ```
+    /// assert_eq!(kvm_bus::BusKind::Pio.max_addr(), 0xffff);
+    /// ```
+    pub const fn max_addr(self) -> u64 {
+        match self {
+            BusKind::Pio => 0xffff,
+            BusKind::Mmio | BusKind::FastMmio => u64::MAX,
+        }
+    }
+
     /// Position in [`BusKind::ALL`].
     pub(crate) const fn index(self) -> usize {
         match self {

@@ -29,10 +29,11 @@
 //! ```
 //!
 //! **[`Buses::get_bus_srcu`]** (read side, `kvm_get_bus_srcu`): needs a
-//! [`ReadGuard`]; issues `smp_mb__after_srcu_read_lock()`
-//! ([`ReadGuard::mb_after_read_lock`]: nothing in the [`Classic`] flavor,
-//! whose `read_lock` is already a full barrier; one fence in the [`Fast`]
-//! flavor) and dereferences. The reference cannot outlive the read
+//! [`ReadGuard`]; orders the thread's earlier loads before the load of the
+//! bus pointer (an acquire fence, as the seed's `smp_rmb()`: free on
+//! x86_64 in both the [`Classic`] and the [`Fast`] flavor; the kernel's
+//! `smp_mb__after_srcu_read_lock()`, [`ReadGuard::mb_after_read_lock`], is
+//! left to callers that need store-to-load order) and dereferences. The reference cannot outlive the read
 //! section. [`Buses::read`] and [`Buses::write`] wrap it with a section of
 //! their own.
 //!
@@ -72,9 +73,10 @@
 //! memory that the VMM wrote after [`Buses::register_dev`] returned, then
 //! an access it dispatches afterwards through `get_bus_srcu` sees the new
 //! device. `register_dev` ends with a full fence after the publish, and
-//! `get_bus_srcu` executes one after `read_lock` before loading the
-//! pointer. Without the reader's fence, a fast-flavor reader could load
-//! the old table after having seen the flag.
+//! `get_bus_srcu` orders the thread's earlier loads before its load of the
+//! bus pointer (an acquire fence: free on x86_64, `dmb ishld` on arm64;
+//! the litmus argument is next to the code). This is the message-passing
+//! pattern, so it needs no full fence, in either flavor.
 //!
 //! ```
 //! use kvm_bus::{Buses, BusKind, Declined, IoDevice, IoRange};
@@ -108,8 +110,8 @@
 //!
 //! **Registration never waits** for a grace period: the old table goes to
 //! `call_srcu` (in the kernel that wait was about a quarter of VM start-up
-//! time). It does wait for the slots lock ([`Buses::lock_slots`]), which
-//! an unregister holds across its grace period.
+//! time). It takes the slots lock ([`Buses::lock_slots`]), which is held
+//! only for table publishes: unregisters release it while they wait.
 //! [`Buses::register_many`] publishes a whole batch at once.
 //!
 //! **Unregistration is final**: [`Buses::unregister_dev`] publishes the
@@ -119,6 +121,39 @@
 //! whole batch. Called inside a read section of the same domain (from a
 //! device handler, say), where that wait could never end, both return
 //! [`BusError::InReadSection`] and change nothing.
+//!
+//! **The guest may reconfigure the bus from a handler.** A handler runs
+//! inside the read section of its access, so anything that waits for a
+//! grace period would wait for itself. [`Buses::move_range`] (a PCI BAR
+//! relocation) and [`Buses::start_unregister`] (an eject) do not wait:
+//! the first publishes the device at its new range in one table (never at
+//! neither), the second unpublishes at once and returns a [`Removal`] that
+//! completes after a grace period and can be waited for, polled, or
+//! notified from a VMM thread. And the slots lock they need is never held
+//! across a grace period: the blocking unregisters release it while they
+//! wait. (Firecracker and cloud-hypervisor both hit this deadlock once
+//! their bus removal started waiting for in-flight accesses.)
+//!
+//! # The update operations and their kernel counterparts
+//!
+//! | kvm-bus | Linux (`virt/kvm/kvm_main.c`) | waits for a grace period |
+//! |---|---|---|
+//! | [`Buses::register_dev`] | `kvm_io_bus_register_dev`: one entry | no |
+//! | [`Buses::register_many`] | a loop of `kvm_io_bus_register_dev`, one publish | no |
+//! | [`Buses::unregister_range`] | `kvm_io_bus_unregister_dev`: removes one entry | yes (expedited, as Linux), slots lock released meanwhile |
+//! | [`Buses::unregister_dev`] | `kvm_io_bus_unregister_dev` until the device has no entry left | yes, once |
+//! | [`Buses::unregister_many`] | that, for several devices | yes, once for all |
+//! | [`Buses::start_unregister`] (`_many`, `_range`) | no counterpart (KVM's own devices are removed with the VM) | no: the [`Removal`] completes later |
+//! | [`Buses::move_range`] | no counterpart (unregister + register, two publishes and a grace period) | no |
+//! | [`Buses::get_bus`] / [`Buses::get_bus_srcu`] / [`Buses::get_bus_for_destruction`] | `kvm_get_bus` / `kvm_get_bus_srcu` / `kvm_get_bus_for_destruction` | no |
+//!
+//! Ranges: a PIO range must end at or below port `0xffff`
+//! ([`BusError::OutsideBus`]); a zero-length range is refused
+//! ([`BusError::ZeroLength`], which says why); overlapping ranges are
+//! accepted unless the bus was told to refuse them
+//! ([`Buses::set_reject_overlaps`]). Dispatch among overlapping ranges
+//! tries the most specific first ([`IoBus`] has the rule and Linux's
+//! example).
 //!
 //! **Bad input changes nothing**: every update-side error returns a
 //! [`BusError`] and leaves the published bus as it was; dispatch never
@@ -135,6 +170,7 @@ mod device;
 mod error;
 mod kind;
 mod range;
+mod removal;
 
 pub use bus::IoBus;
 pub use buses::{Buses, SlotsGuard};
@@ -142,6 +178,7 @@ pub use device::{Declined, IoDevice};
 pub use error::BusError;
 pub use kind::BusKind;
 pub use range::IoRange;
+pub use removal::Removal;
 pub use srcu::{Classic, Fast, Flavor, ReadGuard, Srcu};
 
 /// Default cap on the entries of one bus (Linux `NR_IOBUS_DEVS`); see

@@ -106,7 +106,7 @@ fn updater<F: Flavor>(sh: &Shared<F>, me: usize) {
     };
     while !sh.stop.load(Relaxed) {
         round += 1;
-        if round % 4 == 0 {
+        if round.is_multiple_of(4) {
             // Batch removal of everything this updater has.
             let batch: Vec<(usize, Arc<Dev>)> = mine
                 .iter()
@@ -180,16 +180,16 @@ fn reader<F: Flavor>(sh: &Shared<F>, me: usize) {
         let result = {
             let guard = sh.buses.read_lock();
             let bus = sh.buses.get_bus_srcu(&guard, KIND);
-            if n % 3 == 0 {
+            if n.is_multiple_of(3) {
                 // Also exercise the write paths ((a) only).
                 let _ = bus.write_cookie(n as usize % 4, slot_addr(k) + 4, &[1, 2, 3, 4]);
             }
             bus.read(slot_addr(k), &mut data)
         };
-        if n % 5 == 0 {
+        if n.is_multiple_of(5) {
             let _ = sh.buses.write(KIND, slot_addr(k), &[0]);
         }
-        if n % 64 == 0 {
+        if n.is_multiple_of(64) {
             // Outside any section: lets updaters (and their grace periods)
             // run on a machine with fewer CPUs than threads. Not used for
             // synchronisation.

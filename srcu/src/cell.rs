@@ -326,6 +326,13 @@ impl<T: Send + 'static> Stale<T> {
         }
     }
 
+    /// True if the calling thread is inside a read section of the value's
+    /// domain: [`synchronize`](Stale::synchronize) would then panic (it
+    /// would wait for the caller itself). For callers that prefer an error.
+    pub fn in_read_section(&self) -> bool {
+        crate::held::depth(self.domain.held_slot()) != 0
+    }
+
     /// Waits for the value's grace period, then hands the value back.
     fn take_after(mut self, what: &str, expedited: bool) -> Box<T> {
         crate::held::assert_not_reading(self.domain.held_slot(), what);

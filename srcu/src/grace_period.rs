@@ -446,7 +446,7 @@ impl<F: Flavor> Srcu<F> {
     }
 
     /// Hands `value`, which the caller has just made unreachable for new
-    /// readers (unpublished), to the domain: the returned [`Stale`] can be
+    /// readers (unpublished), to the domain: the returned [`Stale`](crate::Stale) can be
     /// waited for, polled, or dropped (freed after a grace period), exactly
     /// like a value replaced in an [`crate::SrcuCell`]. For data structures
     /// that unpublish something other than a cell's whole value (an entry

@@ -375,7 +375,7 @@ fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
             std::hint::spin_loop();
         } else {
             std::thread::yield_now();
-            if spins % 1024 == 0 && start.elapsed() > Duration::from_secs(20) {
+            if spins.is_multiple_of(1024) && start.elapsed() > Duration::from_secs(20) {
                 panic!("timed out waiting for {what}");
             }
         }

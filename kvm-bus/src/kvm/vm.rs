@@ -123,7 +123,10 @@ impl GuestMemory {
             "guest access {gpa:#x}+{n} outside RAM (size {:#x})",
             self.size
         );
-        assert!(gpa % n == 0, "guest access {gpa:#x}+{n} not aligned");
+        assert!(
+            gpa.is_multiple_of(n),
+            "guest access {gpa:#x}+{n} not aligned"
+        );
         // SAFETY: in bounds, checked above.
         unsafe { self.ptr.add(gpa as usize).cast() }
     }
@@ -235,7 +238,7 @@ impl MiniVmBuilder {
                 self.vcpus
             )));
         }
-        if self.mem_size % PAGE != 0
+        if !self.mem_size.is_multiple_of(PAGE)
             || (self.mem_size as u64) < DATA_ADDR + (1 << 20) + stacks
             || self.mem_size as u64 > 3 << 30
         {
