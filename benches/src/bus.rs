@@ -8,7 +8,7 @@
 //! upgrades a `Weak` (an atomic increment and decrement per exit).
 
 use crate::harness::{time_ns, with_background, Stats};
-use kvm_bus::{BusKind, Buses, Declined, IoDevice, IoRange};
+use kvm_bus::{Access, BusKind, Buses, Declined, IoDevice, IoRange, WriteResult};
 use srcu::Flavor;
 use std::collections::BTreeMap;
 use std::hint::black_box;
@@ -29,14 +29,14 @@ pub struct Nop;
 
 impl IoDevice for Nop {
     #[inline]
-    fn read(&self, _addr: u64, data: &mut [u8]) -> Result<(), Declined> {
+    fn read(&self, _addr: Access, data: &mut [u8]) -> Result<(), Declined> {
         data.fill(0);
         Ok(())
     }
     #[inline]
-    fn write(&self, _addr: u64, data: &[u8]) -> Result<(), Declined> {
+    fn write(&self, _addr: Access, data: &[u8]) -> WriteResult {
         black_box(data);
-        Ok(())
+        Ok(None)
     }
 }
 
@@ -127,9 +127,9 @@ fn btree_with(n: usize) -> Map {
 #[inline]
 fn btree_dispatch(map: &Map, addr: u64, data: &[u8]) -> bool {
     match map.range(..=addr).next_back() {
-        Some((&base, (len, dev))) if addr - base + data.len() as u64 <= *len => {
-            dev.write(addr, data).is_ok()
-        }
+        Some((&base, (len, dev))) if addr - base + data.len() as u64 <= *len => dev
+            .write(Access::new(base, addr - base, None), data)
+            .is_ok(),
         _ => false,
     }
 }

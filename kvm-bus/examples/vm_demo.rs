@@ -2,7 +2,7 @@
 //! while the vCPUs run.
 //!
 //! ```text
-//! cargo run --release -p kvm-bus --example vm_demo [-- --vcpus N --seconds S]
+//! cargo run --release -p kvm-bus --features test-vm --example vm_demo [-- --vcpus N --seconds S]
 //! ```
 //!
 //! The guest code is built in Rust (`kvm_bus::kvm::Asm`) and embedded: no
@@ -16,18 +16,18 @@
 //! Without a usable `/dev/kvm` it prints one line saying why and what to
 //! do, and exits with status 1.
 
-#[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
+#[cfg(all(feature = "test-vm", target_os = "linux", target_arch = "x86_64"))]
 fn main() -> std::process::ExitCode {
     demo::main()
 }
 
-#[cfg(not(all(feature = "kvm", target_os = "linux", target_arch = "x86_64")))]
+#[cfg(not(all(feature = "test-vm", target_os = "linux", target_arch = "x86_64")))]
 fn main() -> std::process::ExitCode {
-    eprintln!("vm_demo: needs Linux on x86_64 and the `kvm` feature of kvm-bus (on by default)");
+    eprintln!("vm_demo: needs Linux on x86_64 and the `test-vm` feature of kvm-bus");
     std::process::ExitCode::from(1)
 }
 
-#[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
+#[cfg(all(feature = "test-vm", target_os = "linux", target_arch = "x86_64"))]
 mod demo {
     use std::io::Write as _;
     use std::process::ExitCode;
@@ -39,7 +39,7 @@ mod demo {
         run_vcpu, timed, Asm, Cond, Latency, MiniVm, Reg, StatsSnapshot, VcpuStats, VmExit, Width,
         DATA_ADDR,
     };
-    use kvm_bus::{BusKind, Buses, Declined, IoDevice, IoRange};
+    use kvm_bus::{Access, BusKind, Buses, Declined, IoDevice, IoRange, WriteResult};
     use parking_lot::Mutex;
 
     /// Serial-like device: one port per vCPU, a line buffer per port.
@@ -61,13 +61,13 @@ mod demo {
     }
 
     impl IoDevice for Serial {
-        fn read(&self, _addr: u64, data: &mut [u8]) -> Result<(), Declined> {
+        fn read(&self, _addr: Access, data: &mut [u8]) -> Result<(), Declined> {
             data.fill(0); // "line status": never busy
             Ok(())
         }
-        fn write(&self, addr: u64, data: &[u8]) -> Result<(), Declined> {
+        fn write(&self, access: Access, data: &[u8]) -> WriteResult {
             let mut lines = self.lines.lock();
-            let Some(line) = lines.get_mut((addr - SERIAL) as usize) else {
+            let Some(line) = lines.get_mut((access.addr() - SERIAL) as usize) else {
                 return Err(Declined);
             };
             for &b in data {
@@ -76,7 +76,7 @@ mod demo {
                     let _ = writeln!(
                         out,
                         "  [serial {:#x}] {}",
-                        addr,
+                        access.addr(),
                         String::from_utf8_lossy(line)
                     );
                     line.clear();
@@ -84,7 +84,7 @@ mod demo {
                     line.push(b);
                 }
             }
-            Ok(())
+            Ok(None)
         }
     }
 
@@ -95,24 +95,24 @@ mod demo {
     }
 
     impl IoDevice for Mailbox {
-        fn read(&self, addr: u64, data: &mut [u8]) -> Result<(), Declined> {
+        fn read(&self, access: Access, data: &mut [u8]) -> Result<(), Declined> {
             let slot = self
                 .slots
-                .get(((addr - MAILBOX) / 8) as usize)
+                .get(((access.addr() - MAILBOX) / 8) as usize)
                 .ok_or(Declined)?;
             let v = slot.load(Ordering::Relaxed).wrapping_add(1).to_le_bytes();
             data.copy_from_slice(&v[..data.len()]);
             Ok(())
         }
-        fn write(&self, addr: u64, data: &[u8]) -> Result<(), Declined> {
+        fn write(&self, access: Access, data: &[u8]) -> WriteResult {
             let slot = self
                 .slots
-                .get(((addr - MAILBOX) / 8) as usize)
+                .get(((access.addr() - MAILBOX) / 8) as usize)
                 .ok_or(Declined)?;
             let mut v = [0u8; 8];
             v[..data.len()].copy_from_slice(data);
             slot.store(u64::from_le_bytes(v), Ordering::Relaxed);
-            Ok(())
+            Ok(None)
         }
     }
 
@@ -123,14 +123,14 @@ mod demo {
     }
 
     impl IoDevice for Hot {
-        fn read(&self, _: u64, data: &mut [u8]) -> Result<(), Declined> {
+        fn read(&self, _: Access, data: &mut [u8]) -> Result<(), Declined> {
             data.fill(0);
             self.hits.fetch_add(1, Ordering::Relaxed);
             Ok(())
         }
-        fn write(&self, _: u64, _: &[u8]) -> Result<(), Declined> {
+        fn write(&self, _: Access, _: &[u8]) -> WriteResult {
             self.hits.fetch_add(1, Ordering::Relaxed);
-            Ok(())
+            Ok(None)
         }
     }
 

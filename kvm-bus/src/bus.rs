@@ -1,6 +1,6 @@
 //! [`IoBus`]: one immutable, sorted table of devices, and dispatch on it.
 
-use crate::device::IoDevice;
+use crate::device::{Access, Completion, IoDevice};
 use crate::error::BusError;
 use crate::range::IoRange;
 use crate::MAX_ACCESS_LEN;
@@ -54,6 +54,15 @@ impl DevRef {
 /// is being called.
 pub(crate) const NOT_CALLING: usize = usize::MAX;
 
+impl Entry {
+    /// The [`Access`] a handler of this entry receives for `addr` (which
+    /// lies inside the entry's range).
+    #[inline(always)]
+    fn access(&self, addr: u64, vcpu: Option<u32>) -> Access {
+        Access::new(self.range.addr(), addr - self.range.addr(), vcpu)
+    }
+}
+
 struct Entry {
     range: IoRange,
     /// The largest `range.last()` of this entry and every one before it:
@@ -92,16 +101,16 @@ struct Entry {
 /// overlapping entries.
 ///
 /// ```
-/// use kvm_bus::{Buses, BusKind, Declined, IoDevice, IoRange};
+/// use kvm_bus::{Access, Buses, BusKind, Declined, WriteResult, IoDevice, IoRange};
 /// use std::sync::Arc;
 ///
 /// struct Zero;
 /// impl IoDevice for Zero {
-///     fn read(&self, _: u64, data: &mut [u8]) -> Result<(), Declined> {
+///     fn read(&self, _: Access, data: &mut [u8]) -> Result<(), Declined> {
 ///         data.fill(0);
 ///         Ok(())
 ///     }
-///     fn write(&self, _: u64, _: &[u8]) -> Result<(), Declined> { Ok(()) }
+///     fn write(&self, _: Access, _: &[u8]) -> WriteResult { Ok(None) }
 /// }
 ///
 /// let buses = Buses::new();
@@ -260,7 +269,18 @@ impl IoBus {
     /// See the [type-level example](IoBus).
     #[inline]
     pub fn read(&self, addr: u64, data: &mut [u8]) -> Result<(), BusError> {
-        self.read_with(addr, data, |_| ())
+        self.read_with(None, addr, data, |_| ())
+    }
+
+    /// [`read`](IoBus::read) on behalf of vCPU `vcpu` (handlers see it in
+    /// [`Access::vcpu`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`read`](IoBus::read).
+    #[inline]
+    pub fn read_by(&self, vcpu: Option<u32>, addr: u64, data: &mut [u8]) -> Result<(), BusError> {
+        self.read_with(vcpu, addr, data, |_| ())
     }
 
     /// [`read`](IoBus::read), calling `calling(i)` before entry `i`'s
@@ -270,6 +290,7 @@ impl IoBus {
     #[inline]
     pub(crate) fn read_with(
         &self,
+        vcpu: Option<u32>,
         addr: u64,
         data: &mut [u8],
         mut calling: impl FnMut(usize),
@@ -278,7 +299,7 @@ impl IoBus {
         let last = Self::check_access(addr, len)?;
         for (i, e) in self.candidates(addr, last) {
             calling(i);
-            let r = e.dev.get().read(addr, data);
+            let r = e.dev.get().read(e.access(addr, vcpu), data);
             calling(NOT_CALLING);
             if r.is_ok() {
                 return Ok(());
@@ -295,12 +316,12 @@ impl IoBus {
     /// As [`read`](IoBus::read).
     ///
     /// ```
-    /// # use kvm_bus::{Buses, BusKind, BusError, Declined, IoDevice, IoRange};
+    /// # use kvm_bus::{Access, Buses, BusKind, BusError, Declined, WriteResult, IoDevice, IoRange};
     /// # use std::sync::Arc;
     /// struct Sink;
     /// impl IoDevice for Sink {
-    ///     fn read(&self, _: u64, _: &mut [u8]) -> Result<(), Declined> { Err(Declined) }
-    ///     fn write(&self, _: u64, _: &[u8]) -> Result<(), Declined> { Ok(()) }
+    ///     fn read(&self, _: Access, _: &mut [u8]) -> Result<(), Declined> { Err(Declined) }
+    ///     fn write(&self, _: Access, _: &[u8]) -> WriteResult { Ok(None) }
     /// }
     /// let buses = Buses::new();
     /// let mut slots = buses.lock_slots();
@@ -312,8 +333,25 @@ impl IoBus {
     /// # Ok::<(), BusError>(())
     /// ```
     #[inline]
-    pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), BusError> {
-        self.write_from(usize::MAX, addr, data, |_| ()).map(|_| ())
+    pub fn write(&self, addr: u64, data: &[u8]) -> Result<Option<Completion>, BusError> {
+        self.write_from(None, usize::MAX, addr, data, |_| ())
+            .map(|(_, done)| done)
+    }
+
+    /// [`write`](IoBus::write) on behalf of vCPU `vcpu`.
+    ///
+    /// # Errors
+    ///
+    /// As [`read`](IoBus::read).
+    #[inline]
+    pub fn write_by(
+        &self,
+        vcpu: Option<u32>,
+        addr: u64,
+        data: &[u8],
+    ) -> Result<Option<Completion>, BusError> {
+        self.write_from(vcpu, usize::MAX, addr, data, |_| ())
+            .map(|(_, done)| done)
     }
 
     /// [`write`](IoBus::write) with a `calling` hook, as
@@ -325,11 +363,13 @@ impl IoBus {
     )]
     pub(crate) fn write_with(
         &self,
+        vcpu: Option<u32>,
         addr: u64,
         data: &[u8],
         calling: impl FnMut(usize),
-    ) -> Result<(), BusError> {
-        self.write_from(usize::MAX, addr, data, calling).map(|_| ())
+    ) -> Result<Option<Completion>, BusError> {
+        self.write_from(vcpu, usize::MAX, addr, data, calling)
+            .map(|(_, done)| done)
     }
 
     /// Like [`write`](IoBus::write), trying entry `cookie` first (Linux
@@ -339,20 +379,22 @@ impl IoBus {
     /// access and the device accepts; otherwise the full search runs
     /// (without calling that entry again).
     ///
-    /// Returns the index of the entry that accepted. Indices are positions
-    /// in this bus only: a new bus after an update may number differently.
+    /// Returns the index of the entry that accepted, and the
+    /// [`Completion`] its device returned, if any (wait for it after the
+    /// read section). Indices are positions in this bus only: a new bus
+    /// after an update may number differently.
     ///
     /// # Errors
     ///
     /// As [`read`](IoBus::read).
     ///
     /// ```
-    /// # use kvm_bus::{Buses, BusKind, BusError, Declined, IoDevice, IoRange};
+    /// # use kvm_bus::{Access, Buses, BusKind, BusError, Declined, WriteResult, IoDevice, IoRange};
     /// # use std::sync::Arc;
     /// # struct Sink;
     /// # impl IoDevice for Sink {
-    /// #     fn read(&self, _: u64, _: &mut [u8]) -> Result<(), Declined> { Err(Declined) }
-    /// #     fn write(&self, _: u64, _: &[u8]) -> Result<(), Declined> { Ok(()) }
+    /// #     fn read(&self, _: Access, _: &mut [u8]) -> Result<(), Declined> { Err(Declined) }
+    /// #     fn write(&self, _: Access, _: &[u8]) -> WriteResult { Ok(None) }
     /// # }
     /// let buses = Buses::new();
     /// let mut slots = buses.lock_slots();
@@ -360,41 +402,51 @@ impl IoBus {
     ///     buses.register_dev(&mut slots, BusKind::Pio, IoRange::new(port, 1)?, Arc::new(Sink))?;
     /// }
     /// let bus = buses.get_bus(&slots, BusKind::Pio);
-    /// let cookie = bus.write_cookie(usize::MAX, 0x64, &[0xfe])?;
+    /// let (cookie, _completion) = bus.write_cookie(usize::MAX, 0x64, &[0xfe])?;
     /// assert_eq!(cookie, 1);
-    /// assert_eq!(bus.write_cookie(cookie, 0x64, &[0xfe])?, 1); // no search
-    /// assert_eq!(bus.write_cookie(cookie, 0x60, &[0])?, 0);    // wrong hint: searched
+    /// assert_eq!(bus.write_cookie(cookie, 0x64, &[0xfe])?.0, 1); // no search
+    /// assert_eq!(bus.write_cookie(cookie, 0x60, &[0])?.0, 0);    // wrong hint: searched
     /// # Ok::<(), BusError>(())
     /// ```
     #[inline]
-    pub fn write_cookie(&self, cookie: usize, addr: u64, data: &[u8]) -> Result<usize, BusError> {
-        self.write_from(cookie, addr, data, |_| ())
+    pub fn write_cookie(
+        &self,
+        cookie: usize,
+        addr: u64,
+        data: &[u8],
+    ) -> Result<(usize, Option<Completion>), BusError> {
+        self.write_from(None, cookie, addr, data, |_| ())
     }
 
     #[inline]
     fn write_from(
         &self,
+        vcpu: Option<u32>,
         cookie: usize,
         addr: u64,
         data: &[u8],
         mut calling: impl FnMut(usize),
-    ) -> Result<usize, BusError> {
+    ) -> Result<(usize, Option<Completion>), BusError> {
         let len = data.len();
         let last = Self::check_access(addr, len)?;
         let mut try_entry = |i: usize, e: &Entry| {
             calling(i);
-            let r = e.dev.get().write(addr, data);
+            let r = e.dev.get().write(e.access(addr, vcpu), data);
             calling(NOT_CALLING);
-            r.is_ok()
+            r.ok()
         };
         if let Some(e) = self.entries.get(cookie) {
-            if e.range.addr() <= addr && e.range.last() >= last && try_entry(cookie, e) {
-                return Ok(cookie);
+            if e.range.addr() <= addr && e.range.last() >= last {
+                if let Some(done) = try_entry(cookie, e) {
+                    return Ok((cookie, done));
+                }
             }
         }
         for (i, e) in self.candidates(addr, last) {
-            if i != cookie && try_entry(i, e) {
-                return Ok(i);
+            if i != cookie {
+                if let Some(done) = try_entry(i, e) {
+                    return Ok((i, done));
+                }
             }
         }
         Err(BusError::Unhandled { addr, len })
@@ -415,12 +467,12 @@ impl IoBus {
     /// without calling it.
     ///
     /// ```
-    /// # use kvm_bus::{Buses, BusKind, BusError, Declined, IoDevice, IoRange};
+    /// # use kvm_bus::{Access, Buses, BusKind, BusError, Declined, WriteResult, IoDevice, IoRange};
     /// # use std::sync::Arc;
     /// # struct Sink;
     /// # impl IoDevice for Sink {
-    /// #     fn read(&self, _: u64, _: &mut [u8]) -> Result<(), Declined> { Err(Declined) }
-    /// #     fn write(&self, _: u64, _: &[u8]) -> Result<(), Declined> { Ok(()) }
+    /// #     fn read(&self, _: Access, _: &mut [u8]) -> Result<(), Declined> { Err(Declined) }
+    /// #     fn write(&self, _: Access, _: &[u8]) -> WriteResult { Ok(None) }
     /// # }
     /// let buses = Buses::new();
     /// let dev: Arc<dyn IoDevice> = Arc::new(Sink);
@@ -465,12 +517,12 @@ impl IoBus {
     /// [`write_cookie`](IoBus::write_cookie) numbers them.
     ///
     /// ```
-    /// # use kvm_bus::{Buses, BusKind, BusError, Declined, IoDevice, IoRange};
+    /// # use kvm_bus::{Access, Buses, BusKind, BusError, Declined, WriteResult, IoDevice, IoRange};
     /// # use std::sync::Arc;
     /// # struct Sink;
     /// # impl IoDevice for Sink {
-    /// #     fn read(&self, _: u64, _: &mut [u8]) -> Result<(), Declined> { Err(Declined) }
-    /// #     fn write(&self, _: u64, _: &[u8]) -> Result<(), Declined> { Ok(()) }
+    /// #     fn read(&self, _: Access, _: &mut [u8]) -> Result<(), Declined> { Err(Declined) }
+    /// #     fn write(&self, _: Access, _: &[u8]) -> WriteResult { Ok(None) }
     /// # }
     /// let buses = Buses::new();
     /// let mut slots = buses.lock_slots();
@@ -553,7 +605,12 @@ impl fmt::Debug for IoBus {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::Declined;
+    use crate::device::{Declined, WriteResult};
+
+    /// `write_cookie` without the (never returned here) completion.
+    fn wc(b: &IoBus, cookie: usize, addr: u64, data: &[u8]) -> Result<usize, BusError> {
+        b.write_cookie(cookie, addr, data).map(|(i, _)| i)
+    }
     use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
     /// Accepts writes whose first byte is `matches` (or any, if None);
@@ -575,7 +632,7 @@ mod tests {
     }
 
     impl IoDevice for Dev {
-        fn read(&self, _: u64, data: &mut [u8]) -> Result<(), Declined> {
+        fn read(&self, _: Access, data: &mut [u8]) -> Result<(), Declined> {
             self.calls.fetch_add(1, Relaxed);
             if self.matches.is_some() {
                 return Err(Declined);
@@ -583,11 +640,11 @@ mod tests {
             data.fill(self.tag);
             Ok(())
         }
-        fn write(&self, _: u64, data: &[u8]) -> Result<(), Declined> {
+        fn write(&self, _: Access, data: &[u8]) -> WriteResult {
             self.calls.fetch_add(1, Relaxed);
             match self.matches {
                 Some(m) if data[0] != m => Err(Declined),
-                _ => Ok(()),
+                _ => Ok(None),
             }
         }
     }
@@ -661,11 +718,11 @@ mod tests {
             (r(0x10, 4), small.clone()),
             (r(0x50, 8), inner.clone()),
         ]);
-        assert_eq!(b.write_cookie(usize::MAX, 0x50, &[0xcc]), Ok(2));
+        assert_eq!(wc(&b, usize::MAX, 0x50, &[0xcc]), Ok(2));
         assert_eq!(big.calls.load(Relaxed), 0, "C accepted first");
         assert_eq!(inner.calls.load(Relaxed), 1);
         assert_eq!(small.calls.load(Relaxed), 0, "not covering: never called");
-        assert_eq!(b.write_cookie(usize::MAX, 0x50, &[0xaa]), Ok(0));
+        assert_eq!(wc(&b, usize::MAX, 0x50, &[0xaa]), Ok(0));
         assert_eq!(inner.calls.load(Relaxed), 2, "C declined, then A");
         // Same start: the shorter range first.
         let wide = Dev::new(4, None);
@@ -680,9 +737,9 @@ mod tests {
             b.write(0x50, &[0xbb]),
             Err(BusError::Unhandled { addr: 0x50, len: 1 })
         );
-        assert_eq!(b.write_cookie(usize::MAX, 0x11, &[0xbb]), Ok(1));
+        assert_eq!(wc(&b, usize::MAX, 0x11, &[0xbb]), Ok(1));
         // An access sticking out of `inner` goes only to `big`.
-        assert_eq!(b.write_cookie(usize::MAX, 0x56, &[0xaa, 0]), Ok(0));
+        assert_eq!(wc(&b, usize::MAX, 0x56, &[0xaa, 0]), Ok(0));
     }
 
     #[test]
@@ -692,14 +749,14 @@ mod tests {
         let b = bus(&[(r(0x40, 4), a.clone())]);
         let b = add(&b, &[(r(0x40, 4), c.clone() as Arc<dyn IoDevice>)]);
         // Table [c, a]; dispatch tries a (registered first), then c.
-        assert_eq!(b.write_cookie(usize::MAX, 0x40, &[2]), Ok(0));
+        assert_eq!(wc(&b, usize::MAX, 0x40, &[2]), Ok(0));
         assert_eq!(a.calls.load(Relaxed), 1);
-        assert_eq!(b.write_cookie(usize::MAX, 0x40, &[1]), Ok(1));
+        assert_eq!(wc(&b, usize::MAX, 0x40, &[1]), Ok(1));
         // Within one batch too.
         let d = Dev::new(3, Some(3));
         let e = Dev::new(4, Some(4));
         let b = bus(&[(r(0x40, 4), d.clone()), (r(0x40, 4), e.clone())]);
-        assert_eq!(b.write_cookie(usize::MAX, 0x40, &[4]), Ok(0));
+        assert_eq!(wc(&b, usize::MAX, 0x40, &[4]), Ok(0));
         assert_eq!(d.calls.load(Relaxed), 1, "registered first, tried first");
     }
 
@@ -709,15 +766,15 @@ mod tests {
         let c = Dev::new(2, Some(2));
         // Table [c, a].
         let b = bus(&[(r(0x40, 4), a.clone()), (r(0x40, 4), c.clone())]);
-        assert_eq!(b.write_cookie(0, 0x40, &[2]), Ok(0));
+        assert_eq!(wc(&b, 0, 0x40, &[2]), Ok(0));
         assert_eq!(a.calls.load(Relaxed), 0, "cookie hit: no search");
         // Declining cookie device is not called twice.
-        assert_eq!(b.write_cookie(0, 0x40, &[1]), Ok(1));
+        assert_eq!(wc(&b, 0, 0x40, &[1]), Ok(1));
         assert_eq!(c.calls.load(Relaxed), 2);
         // Out-of-range or non-covering cookies are ignored.
-        assert_eq!(b.write_cookie(7, 0x40, &[1]), Ok(1));
+        assert_eq!(wc(&b, 7, 0x40, &[1]), Ok(1));
         assert_eq!(
-            b.write_cookie(0, 0x44, &[1]),
+            wc(&b, 0, 0x44, &[1]),
             Err(BusError::Unhandled { addr: 0x44, len: 1 })
         );
     }
@@ -747,7 +804,7 @@ mod tests {
             })
         );
         assert_eq!(
-            b.write_cookie(0, u64::MAX - 1, &[0; 4]),
+            wc(&b, 0, u64::MAX - 1, &[0; 4]),
             Err(BusError::Unhandled {
                 addr: u64::MAX - 1,
                 len: 4
@@ -789,7 +846,7 @@ mod tests {
         assert_eq!(b2.len(), 1);
         assert_eq!(read_tag(&b2, 5, 1), Ok(2));
         assert!(read_tag(&b2, 9, 1).is_err());
-        assert_eq!(format!("{b2:?}"), "[IoRange { addr: 5, len: 1 }]");
+        assert_eq!(format!("{b2:?}"), "[IoRange { addr: 0x5, len: 0x1 }]");
         drop((b, b2));
         assert_eq!(Arc::strong_count(&a), count, "nor do they drop devices");
     }

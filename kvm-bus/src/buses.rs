@@ -324,12 +324,12 @@ impl<F: Flavor> Buses<F> {
     /// access (`&mut self`) proves no reader can still dispatch to them.
     ///
     /// ```
-    /// use kvm_bus::{Buses, BusKind, Declined, IoDevice, IoRange};
+    /// use kvm_bus::{Access, Buses, BusKind, Declined, WriteResult, IoDevice, IoRange};
     /// use std::sync::Arc;
     /// struct Sink;
     /// impl IoDevice for Sink {
-    ///     fn read(&self, _: u64, _: &mut [u8]) -> Result<(), Declined> { Err(Declined) }
-    ///     fn write(&self, _: u64, _: &[u8]) -> Result<(), Declined> { Ok(()) }
+    ///     fn read(&self, _: Access, _: &mut [u8]) -> Result<(), Declined> { Err(Declined) }
+    ///     fn write(&self, _: Access, _: &[u8]) -> WriteResult { Ok(None) }
     /// }
     /// let mut buses = Buses::new();
     /// let dev: Arc<dyn IoDevice> = Arc::new(Sink);
@@ -395,10 +395,18 @@ impl<F: Flavor> Buses<F> {
     ///     Err(BusError::InvalidAccessLength { addr: 0, len: 16 })
     /// );
     /// ```
+    ///
+    /// If the device returns a [`Completion`](crate::Completion), this
+    /// waits for it after the read section has ended.
     #[inline]
     pub fn write(&self, kind: BusKind, addr: u64, data: &[u8]) -> Result<(), BusError> {
         let guard = self.read_lock();
-        self.get_bus_srcu(&guard, kind).write(addr, data)
+        let done = self.get_bus_srcu(&guard, kind).write(addr, data)?;
+        drop(guard);
+        if let Some(done) = done {
+            done.wait();
+        }
+        Ok(())
     }
 
     /// [`IoBus::write_cookie`] in a read section of its own (Linux
@@ -422,8 +430,14 @@ impl<F: Flavor> Buses<F> {
         data: &[u8],
     ) -> Result<usize, BusError> {
         let guard = self.read_lock();
-        self.get_bus_srcu(&guard, kind)
-            .write_cookie(cookie, addr, data)
+        let (i, done) = self
+            .get_bus_srcu(&guard, kind)
+            .write_cookie(cookie, addr, data)?;
+        drop(guard);
+        if let Some(done) = done {
+            done.wait();
+        }
+        Ok(i)
     }
 
     /// [`read`](Buses::read) inside a read section the caller already
@@ -454,7 +468,8 @@ impl<F: Flavor> Buses<F> {
     }
 
     /// [`write`](Buses::write) inside a read section the caller already
-    /// holds.
+    /// holds. A [`Completion`](crate::Completion) the device returns is
+    /// handed back: wait for it after dropping the guard.
     ///
     /// # Errors
     ///
@@ -476,7 +491,7 @@ impl<F: Flavor> Buses<F> {
         kind: BusKind,
         addr: u64,
         data: &[u8],
-    ) -> Result<(), BusError> {
+    ) -> Result<Option<crate::Completion>, BusError> {
         self.get_bus_srcu(guard, kind).write(addr, data)
     }
 
@@ -513,12 +528,12 @@ impl<F: Flavor> Buses<F> {
     /// If `slots` is the guard of another `Buses`.
     ///
     /// ```
-    /// use kvm_bus::{Buses, BusError, BusKind, Declined, IoDevice, IoRange};
+    /// use kvm_bus::{Access, Buses, BusError, BusKind, Declined, WriteResult, IoDevice, IoRange};
     /// use std::sync::Arc;
     /// struct Port80;
     /// impl IoDevice for Port80 {
-    ///     fn read(&self, _: u64, d: &mut [u8]) -> Result<(), Declined> { d.fill(0xff); Ok(()) }
-    ///     fn write(&self, _: u64, _: &[u8]) -> Result<(), Declined> { Ok(()) }
+    ///     fn read(&self, _: Access, d: &mut [u8]) -> Result<(), Declined> { d.fill(0xff); Ok(()) }
+    ///     fn write(&self, _: Access, _: &[u8]) -> WriteResult { Ok(None) }
     /// }
     /// let buses = Buses::new();
     /// buses.register_dev(&mut buses.lock_slots(), BusKind::Pio, IoRange::new(0x80, 1)?, Arc::new(Port80))?;
@@ -551,12 +566,12 @@ impl<F: Flavor> Buses<F> {
     /// If `slots` is the guard of another `Buses`.
     ///
     /// ```
-    /// use kvm_bus::{Buses, BusError, BusKind, Declined, IoDevice, IoRange, Srcu};
+    /// use kvm_bus::{Access, Buses, BusError, BusKind, Declined, WriteResult, IoDevice, IoRange, Srcu};
     /// use std::sync::Arc;
     /// struct Sink;
     /// impl IoDevice for Sink {
-    ///     fn read(&self, _: u64, _: &mut [u8]) -> Result<(), Declined> { Err(Declined) }
-    ///     fn write(&self, _: u64, _: &[u8]) -> Result<(), Declined> { Ok(()) }
+    ///     fn read(&self, _: Access, _: &mut [u8]) -> Result<(), Declined> { Err(Declined) }
+    ///     fn write(&self, _: Access, _: &[u8]) -> WriteResult { Ok(None) }
     /// }
     /// let buses = Buses::with_srcu(Srcu::new(), 3);
     /// let mut slots = buses.lock_slots();
@@ -650,12 +665,12 @@ impl<F: Flavor> Buses<F> {
     /// If `slots` is the guard of another `Buses`.
     ///
     /// ```
-    /// use kvm_bus::{Buses, BusError, BusKind, Declined, IoDevice, IoRange};
+    /// use kvm_bus::{Access, Buses, BusError, BusKind, Declined, WriteResult, IoDevice, IoRange};
     /// use std::sync::Arc;
     /// struct Sink;
     /// impl IoDevice for Sink {
-    ///     fn read(&self, _: u64, _: &mut [u8]) -> Result<(), Declined> { Err(Declined) }
-    ///     fn write(&self, _: u64, _: &[u8]) -> Result<(), Declined> { Ok(()) }
+    ///     fn read(&self, _: Access, _: &mut [u8]) -> Result<(), Declined> { Err(Declined) }
+    ///     fn write(&self, _: Access, _: &[u8]) -> WriteResult { Ok(None) }
     /// }
     /// let buses = Buses::new();
     /// let dev: Arc<dyn IoDevice> = Arc::new(Sink);
@@ -700,12 +715,12 @@ impl<F: Flavor> Buses<F> {
     /// If `slots` is the guard of another `Buses`.
     ///
     /// ```
-    /// use kvm_bus::{Buses, BusError, BusKind, Declined, IoDevice, IoRange};
+    /// use kvm_bus::{Access, Buses, BusError, BusKind, Declined, WriteResult, IoDevice, IoRange};
     /// use std::sync::Arc;
     /// struct Doorbell;
     /// impl IoDevice for Doorbell {
-    ///     fn read(&self, _: u64, _: &mut [u8]) -> Result<(), Declined> { Err(Declined) }
-    ///     fn write(&self, _: u64, _: &[u8]) -> Result<(), Declined> { Ok(()) }
+    ///     fn read(&self, _: Access, _: &mut [u8]) -> Result<(), Declined> { Err(Declined) }
+    ///     fn write(&self, _: Access, _: &[u8]) -> WriteResult { Ok(None) }
     /// }
     /// let buses = Buses::new();
     /// let mut slots = buses.lock_slots();
@@ -755,12 +770,12 @@ impl<F: Flavor> Buses<F> {
     /// bus is unchanged and nothing waits.
     ///
     /// ```
-    /// use kvm_bus::{Buses, BusKind, Declined, IoDevice, IoRange};
+    /// use kvm_bus::{Access, Buses, BusKind, Declined, WriteResult, IoDevice, IoRange};
     /// use std::sync::Arc;
     /// struct Kbd;
     /// impl IoDevice for Kbd {
-    ///     fn read(&self, _: u64, d: &mut [u8]) -> Result<(), Declined> { d.fill(0); Ok(()) }
-    ///     fn write(&self, _: u64, _: &[u8]) -> Result<(), Declined> { Ok(()) }
+    ///     fn read(&self, _: Access, d: &mut [u8]) -> Result<(), Declined> { d.fill(0); Ok(()) }
+    ///     fn write(&self, _: Access, _: &[u8]) -> WriteResult { Ok(None) }
     /// }
     /// let buses = Buses::new();
     /// let kbd: Arc<dyn IoDevice> = Arc::new(Kbd);
@@ -817,12 +832,12 @@ impl<F: Flavor> Buses<F> {
     /// bus is unchanged.
     ///
     /// ```
-    /// # use kvm_bus::{Buses, BusKind, Declined, IoDevice, IoRange};
+    /// # use kvm_bus::{Access, Buses, BusKind, Declined, WriteResult, IoDevice, IoRange};
     /// # use std::sync::Arc;
     /// # struct Sink;
     /// # impl IoDevice for Sink {
-    /// #     fn read(&self, _: u64, _: &mut [u8]) -> Result<(), Declined> { Err(Declined) }
-    /// #     fn write(&self, _: u64, _: &[u8]) -> Result<(), Declined> { Ok(()) }
+    /// #     fn read(&self, _: Access, _: &mut [u8]) -> Result<(), Declined> { Err(Declined) }
+    /// #     fn write(&self, _: Access, _: &[u8]) -> WriteResult { Ok(None) }
     /// # }
     /// let buses = Buses::new();
     /// let devs: Vec<Arc<dyn IoDevice>> = (0..4).map(|_| Arc::new(Sink) as _).collect();
@@ -933,12 +948,12 @@ impl<F: Flavor> Buses<F> {
     /// another entry. The bus is unchanged.
     ///
     /// ```
-    /// use kvm_bus::{Buses, BusKind, Declined, IoDevice, IoRange};
+    /// use kvm_bus::{Access, Buses, BusKind, Declined, WriteResult, IoDevice, IoRange};
     /// use std::sync::Arc;
     /// struct Bar;
     /// impl IoDevice for Bar {
-    ///     fn read(&self, _: u64, d: &mut [u8]) -> Result<(), Declined> { d.fill(0xb0); Ok(()) }
-    ///     fn write(&self, _: u64, _: &[u8]) -> Result<(), Declined> { Ok(()) }
+    ///     fn read(&self, _: Access, d: &mut [u8]) -> Result<(), Declined> { d.fill(0xb0); Ok(()) }
+    ///     fn write(&self, _: Access, _: &[u8]) -> WriteResult { Ok(None) }
     /// }
     /// let buses = Buses::new();
     /// let bar: Arc<dyn IoDevice> = Arc::new(Bar);
@@ -982,12 +997,12 @@ impl<F: Flavor> Buses<F> {
     /// ranges already registered.
     ///
     /// ```
-    /// use kvm_bus::{Buses, BusError, BusKind, Declined, IoDevice, IoRange};
+    /// use kvm_bus::{Access, Buses, BusError, BusKind, Declined, WriteResult, IoDevice, IoRange};
     /// use std::sync::Arc;
     /// struct Sink;
     /// impl IoDevice for Sink {
-    ///     fn read(&self, _: u64, _: &mut [u8]) -> Result<(), Declined> { Err(Declined) }
-    ///     fn write(&self, _: u64, _: &[u8]) -> Result<(), Declined> { Ok(()) }
+    ///     fn read(&self, _: Access, _: &mut [u8]) -> Result<(), Declined> { Err(Declined) }
+    ///     fn write(&self, _: Access, _: &[u8]) -> WriteResult { Ok(None) }
     /// }
     /// let buses = Buses::new();
     /// let mut slots = buses.lock_slots();
@@ -1044,6 +1059,14 @@ impl<F: Flavor> Buses<F> {
 fn dev_addr(d: &Arc<dyn IoDevice>) -> *const () {
     Arc::as_ptr(d).cast::<()>()
 }
+
+// Readers see only published, immutable tables; an update that panics
+// before its publish leaves the published bus as it was (updates build the
+// new table, then publish it with one store), and a device handler that
+// panics ends its read section while unwinding. So `&Buses` may cross a
+// `catch_unwind` boundary, which is how a VMM contains a device panic.
+impl<F: Flavor> std::panic::RefUnwindSafe for Buses<F> {}
+impl<F: Flavor> std::panic::UnwindSafe for Buses<F> {}
 
 impl<F: Flavor> fmt::Debug for Buses<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

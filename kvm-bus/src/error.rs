@@ -8,14 +8,18 @@ use core::fmt;
 /// Every update-side error leaves the published bus unchanged. Dispatch
 /// errors are ordinary results (guest-controlled input never panics).
 ///
+/// `Debug` prints addresses (and range lengths) in hex, as `Display` does;
+/// access lengths, counts and caps stay decimal.
+///
 /// ```
 /// use kvm_bus::{BusError, BusKind};
 /// let e = BusError::Unhandled { addr: 0xfee0_0000, len: 4 };
 /// assert_eq!(e.to_string(), "no device accepted the 4-byte access at 0xfee00000");
+/// assert_eq!(format!("{e:?}"), "Unhandled { addr: 0xfee00000, len: 4 }");
 /// let e = BusError::BusFull { kind: BusKind::Pio, max: 1000 };
 /// assert_eq!(e.to_string(), "the PIO bus is full (at most 1000 devices)");
 /// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum BusError {
     /// A range of length 0 starting at `addr`.
@@ -97,6 +101,71 @@ pub enum BusError {
         /// Its length.
         len: usize,
     },
+}
+
+/// A number that `Debug` prints as `0x3f8` (in `{:?}` and `{:#?}` alike).
+pub(crate) struct Hex(pub(crate) u64);
+
+impl fmt::Debug for Hex {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:#x}", self.0)
+    }
+}
+
+impl fmt::Debug for BusError {
+    /// The derived struct-like form, with addresses in hex:
+    /// `Unhandled { addr: 0x3f8, len: 1 }`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            BusError::ZeroLength { addr } => f
+                .debug_struct("ZeroLength")
+                .field("addr", &Hex(addr))
+                .finish(),
+            BusError::Overflow { addr, len } => f
+                .debug_struct("Overflow")
+                .field("addr", &Hex(addr))
+                .field("len", &Hex(len))
+                .finish(),
+            BusError::BusFull { kind, max } => f
+                .debug_struct("BusFull")
+                .field("kind", &kind)
+                .field("max", &max)
+                .finish(),
+            BusError::NotRegistered { kind } => f
+                .debug_struct("NotRegistered")
+                .field("kind", &kind)
+                .finish(),
+            BusError::OutsideBus { kind, range } => f
+                .debug_struct("OutsideBus")
+                .field("kind", &kind)
+                .field("range", &range)
+                .finish(),
+            BusError::Overlap {
+                kind,
+                range,
+                existing,
+            } => f
+                .debug_struct("Overlap")
+                .field("kind", &kind)
+                .field("range", &range)
+                .field("existing", &existing)
+                .finish(),
+            BusError::InReadSection { kind } => f
+                .debug_struct("InReadSection")
+                .field("kind", &kind)
+                .finish(),
+            BusError::InvalidAccessLength { addr, len } => f
+                .debug_struct("InvalidAccessLength")
+                .field("addr", &Hex(addr))
+                .field("len", &len)
+                .finish(),
+            BusError::Unhandled { addr, len } => f
+                .debug_struct("Unhandled")
+                .field("addr", &Hex(addr))
+                .field("len", &len)
+                .finish(),
+        }
+    }
 }
 
 impl fmt::Display for BusError {
@@ -200,5 +269,77 @@ mod tests {
             assert!(s.contains(needle), "{s:?} lacks {needle:?}");
             let _: &dyn std::error::Error = &e;
         }
+    }
+
+    #[test]
+    fn debug_prints_addresses_in_hex() {
+        let cases = [
+            (
+                BusError::ZeroLength { addr: 0x3f8 },
+                "ZeroLength { addr: 0x3f8 }",
+            ),
+            (
+                BusError::Overflow {
+                    addr: u64::MAX,
+                    len: 0x10,
+                },
+                "Overflow { addr: 0xffffffffffffffff, len: 0x10 }",
+            ),
+            (
+                BusError::BusFull {
+                    kind: BusKind::Mmio,
+                    max: 1000,
+                },
+                "BusFull { kind: Mmio, max: 1000 }",
+            ),
+            (
+                BusError::NotRegistered { kind: BusKind::Pio },
+                "NotRegistered { kind: Pio }",
+            ),
+            (
+                BusError::OutsideBus {
+                    kind: BusKind::Pio,
+                    range: IoRange::new(0xfff8, 0x10).unwrap(),
+                },
+                "OutsideBus { kind: Pio, range: IoRange { addr: 0xfff8, len: 0x10 } }",
+            ),
+            (
+                BusError::Overlap {
+                    kind: BusKind::Mmio,
+                    range: IoRange::new(0x1000, 0x10).unwrap(),
+                    existing: IoRange::new(0x1008, 4).unwrap(),
+                },
+                "Overlap { kind: Mmio, range: IoRange { addr: 0x1000, len: 0x10 }, \
+                 existing: IoRange { addr: 0x1008, len: 0x4 } }",
+            ),
+            (
+                BusError::InReadSection {
+                    kind: BusKind::FastMmio,
+                },
+                "InReadSection { kind: FastMmio }",
+            ),
+            (
+                BusError::InvalidAccessLength { addr: 0x30, len: 9 },
+                "InvalidAccessLength { addr: 0x30, len: 9 }",
+            ),
+            (
+                BusError::Unhandled {
+                    addr: 0xfee0_0000,
+                    len: 4,
+                },
+                "Unhandled { addr: 0xfee00000, len: 4 }",
+            ),
+        ];
+        for (e, want) in cases {
+            assert_eq!(format!("{e:?}"), want);
+        }
+        let pretty = format!(
+            "{:#?}",
+            BusError::Unhandled {
+                addr: 0x3f8,
+                len: 1
+            }
+        );
+        assert_eq!(pretty, "Unhandled {\n    addr: 0x3f8,\n    len: 1,\n}");
     }
 }

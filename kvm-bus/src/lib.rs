@@ -79,14 +79,14 @@
 //! pattern, so it needs no full fence, in either flavor.
 //!
 //! ```
-//! use kvm_bus::{Buses, BusKind, Declined, IoDevice, IoRange};
+//! use kvm_bus::{Access, Buses, BusKind, Declined, WriteResult, IoDevice, IoRange};
 //! use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 //! use std::sync::Arc;
 //!
 //! struct Uart;
 //! impl IoDevice for Uart {
-//!     fn read(&self, _: u64, d: &mut [u8]) -> Result<(), Declined> { d.fill(0x60); Ok(()) }
-//!     fn write(&self, _: u64, _: &[u8]) -> Result<(), Declined> { Ok(()) }
+//!     fn read(&self, _: Access, d: &mut [u8]) -> Result<(), Declined> { d.fill(0x60); Ok(()) }
+//!     fn write(&self, _: Access, _: &[u8]) -> WriteResult { Ok(None) }
 //! }
 //!
 //! let buses = Buses::new_fast();
@@ -159,6 +159,19 @@
 //! [`BusError`] and leaves the published bus as it was; dispatch never
 //! panics on guest-controlled addresses or lengths. A device handler that
 //! panics ends its read section while unwinding; the buses stay usable.
+//!
+//! # Cargo features
+//!
+//! * none: the buses ([`Buses`], [`IoBus`], [`IoDevice`], [`IoRange`],
+//!   [`BusError`], [`Removal`]), on any target; depends on `srcu` only.
+//! * `kvm` (default): the `kvm` module, the `kvm-ioctls` vCPU-exit adapter
+//!   (`kvm::run_vcpu`, `kvm::run_once`, `kvm::VmExit`, `kvm::VcpuStats`).
+//!   Linux x86_64 only: elsewhere the feature enables nothing.
+//! * `test-vm` (off; implies `kvm`): test and demo tools, not part of a
+//!   VMM's API: `kvm::MiniVm` (a minimal long-mode VM: guest memory, page
+//!   tables, N vCPUs, `IoeventfdTiming`, `timed`) and `kvm::Asm` (an x86-64
+//!   emitter for guest code). Tests, benchmarks and the `vm_demo` example
+//!   enable it.
 
 #![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -174,7 +187,7 @@ mod removal;
 
 pub use bus::IoBus;
 pub use buses::{Buses, SlotsGuard};
-pub use device::{Declined, IoDevice};
+pub use device::{Access, Completion, Declined, IoDevice, MutIoDevice, WriteResult};
 pub use error::BusError;
 pub use kind::BusKind;
 pub use range::IoRange;
@@ -192,6 +205,10 @@ pub const MAX_ACCESS_LEN: usize = 8;
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
+
+pub mod porting;
+#[cfg(feature = "vm-device")]
+pub mod rust_vmm;
 
 /// The kvm-ioctls vCPU-exit adapter (issue 5).
 #[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]

@@ -1,13 +1,14 @@
 //! [`IoRange`]: a non-empty, non-wrapping range of bus addresses.
 
-use crate::error::BusError;
+use crate::error::{BusError, Hex};
 use core::fmt;
 
 /// A range of bus addresses `[addr, addr + len)`, never empty and never
 /// wrapping past `u64::MAX` (it may end exactly at `u64::MAX`).
 ///
 /// Ranges order by address, then by length: the order of an
-/// [`IoBus`](crate::IoBus).
+/// [`IoBus`](crate::IoBus). `Display` shows the first and last address,
+/// `Debug` the fields, both in hex.
 ///
 /// ```
 /// use kvm_bus::{BusError, IoRange};
@@ -16,9 +17,11 @@ use core::fmt;
 /// assert!(r.contains(0x100c, 4));
 /// assert!(!r.contains(0x100d, 4)); // would end past the range
 /// assert_eq!(IoRange::new(0x1000, 0), Err(BusError::ZeroLength { addr: 0x1000 }));
+/// assert_eq!(r.to_string(), "[0x1000, 0x100f]");
+/// assert_eq!(format!("{r:?}"), "IoRange { addr: 0x1000, len: 0x10 }");
 /// # Ok::<(), BusError>(())
 /// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct IoRange {
     addr: u64,
     len: u64,
@@ -100,6 +103,16 @@ impl IoRange {
     }
 }
 
+impl fmt::Debug for IoRange {
+    /// `IoRange { addr: 0x3f8, len: 0x8 }`: the fields, in hex.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IoRange")
+            .field("addr", &Hex(self.addr))
+            .field("len", &Hex(self.len))
+            .finish()
+    }
+}
+
 impl fmt::Display for IoRange {
     /// `[0x3f8, 0x3ff]`: first and last address, in hex.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -158,5 +171,15 @@ mod tests {
         let c = IoRange::new(2, 1).unwrap();
         assert!(a < b && b < c);
         assert_eq!(a.to_string(), "[0x1, 0x5]");
+    }
+
+    #[test]
+    fn debug_is_hex() {
+        let r = IoRange::new(0x3f8, 8).unwrap();
+        assert_eq!(format!("{r:?}"), "IoRange { addr: 0x3f8, len: 0x8 }");
+        assert_eq!(
+            format!("{r:#?}"),
+            "IoRange {\n    addr: 0x3f8,\n    len: 0x8,\n}"
+        );
     }
 }

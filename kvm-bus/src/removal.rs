@@ -29,12 +29,12 @@ use std::sync::Arc;
 /// removed entries (one per entry), and releases them on completion.
 ///
 /// ```
-/// use kvm_bus::{Buses, BusKind, Declined, IoDevice, IoRange};
+/// use kvm_bus::{Access, Buses, BusKind, Declined, WriteResult, IoDevice, IoRange};
 /// use std::sync::Arc;
 /// struct Nic;
 /// impl IoDevice for Nic {
-///     fn read(&self, _: u64, d: &mut [u8]) -> Result<(), Declined> { d.fill(0); Ok(()) }
-///     fn write(&self, _: u64, _: &[u8]) -> Result<(), Declined> { Ok(()) }
+///     fn read(&self, _: Access, d: &mut [u8]) -> Result<(), Declined> { d.fill(0); Ok(()) }
+///     fn write(&self, _: Access, _: &[u8]) -> WriteResult { Ok(None) }
 /// }
 /// let buses = Buses::new();
 /// let nic: Arc<dyn IoDevice> = Arc::new(Nic);
@@ -69,12 +69,12 @@ impl Removal {
     /// grace period).
     ///
     /// ```
-    /// # use kvm_bus::{Buses, BusKind, Declined, IoDevice, IoRange};
+    /// # use kvm_bus::{Access, Buses, BusKind, Declined, WriteResult, IoDevice, IoRange};
     /// # use std::sync::Arc;
     /// # struct Sink;
     /// # impl IoDevice for Sink {
-    /// #     fn read(&self, _: u64, _: &mut [u8]) -> Result<(), Declined> { Err(Declined) }
-    /// #     fn write(&self, _: u64, _: &[u8]) -> Result<(), Declined> { Ok(()) }
+    /// #     fn read(&self, _: Access, _: &mut [u8]) -> Result<(), Declined> { Err(Declined) }
+    /// #     fn write(&self, _: Access, _: &[u8]) -> WriteResult { Ok(None) }
     /// # }
     /// let buses = Buses::new();
     /// let dev: Arc<dyn IoDevice> = Arc::new(Sink);
@@ -111,12 +111,12 @@ impl Removal {
     /// references, on the domain's callback worker. Never blocks.
     ///
     /// ```
-    /// # use kvm_bus::{Buses, BusKind, Declined, IoDevice, IoRange};
+    /// # use kvm_bus::{Access, Buses, BusKind, Declined, WriteResult, IoDevice, IoRange};
     /// # use std::sync::Arc;
     /// # struct Sink;
     /// # impl IoDevice for Sink {
-    /// #     fn read(&self, _: u64, _: &mut [u8]) -> Result<(), Declined> { Err(Declined) }
-    /// #     fn write(&self, _: u64, _: &[u8]) -> Result<(), Declined> { Ok(()) }
+    /// #     fn read(&self, _: Access, _: &mut [u8]) -> Result<(), Declined> { Err(Declined) }
+    /// #     fn write(&self, _: Access, _: &[u8]) -> WriteResult { Ok(None) }
     /// # }
     /// let buses = Buses::new();
     /// let dev: Arc<dyn IoDevice> = Arc::new(Sink);

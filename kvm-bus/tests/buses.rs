@@ -1,8 +1,8 @@
 //! Integration tests of the update side, error paths and teardown.
 
 use kvm_bus::{
-    BusError, BusKind, Buses, Classic, Declined, Fast, Flavor, IoBus, IoDevice, IoRange, Srcu,
-    MAX_IO_BUS_DEVICES,
+    Access, BusError, BusKind, Buses, Classic, Declined, Fast, Flavor, IoBus, IoDevice, IoRange,
+    Srcu, WriteResult, MAX_IO_BUS_DEVICES,
 };
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
@@ -32,14 +32,14 @@ impl Drop for Probe {
 }
 
 impl IoDevice for Probe {
-    fn read(&self, _: u64, data: &mut [u8]) -> Result<(), Declined> {
+    fn read(&self, _: Access, data: &mut [u8]) -> Result<(), Declined> {
         self.calls.fetch_add(1, SeqCst);
         data.fill(0x5a);
         Ok(())
     }
-    fn write(&self, _: u64, _: &[u8]) -> Result<(), Declined> {
+    fn write(&self, _: Access, _: &[u8]) -> WriteResult {
         self.calls.fetch_add(1, SeqCst);
-        Ok(())
+        Ok(None)
     }
 }
 
@@ -391,11 +391,11 @@ fn foreign_read_guard_panics() {
 /// Panics on every access.
 struct Bomb;
 impl IoDevice for Bomb {
-    fn read(&self, addr: u64, _: &mut [u8]) -> Result<(), Declined> {
-        panic!("device exploded at {addr:#x}")
+    fn read(&self, access: Access, _: &mut [u8]) -> Result<(), Declined> {
+        panic!("device exploded at {:#x}", access.addr())
     }
-    fn write(&self, addr: u64, _: &[u8]) -> Result<(), Declined> {
-        panic!("device exploded at {addr:#x}")
+    fn write(&self, access: Access, _: &[u8]) -> WriteResult {
+        panic!("device exploded at {:#x}", access.addr())
     }
 }
 
@@ -508,11 +508,11 @@ struct SelfRemover<F: Flavor> {
 }
 
 impl<F: Flavor> IoDevice for SelfRemover<F> {
-    fn read(&self, _: u64, data: &mut [u8]) -> Result<(), Declined> {
+    fn read(&self, _: Access, data: &mut [u8]) -> Result<(), Declined> {
         data.fill(0x5a);
         Ok(())
     }
-    fn write(&self, _: u64, _: &[u8]) -> Result<(), Declined> {
+    fn write(&self, _: Access, _: &[u8]) -> WriteResult {
         self.calls.fetch_add(1, SeqCst);
         let buses = self.buses.get().unwrap().upgrade().unwrap();
         let me = self.me.get().unwrap().upgrade().unwrap();
@@ -524,7 +524,7 @@ impl<F: Flavor> IoDevice for SelfRemover<F> {
         results.push(buses.unregister_dev(&mut slots, BusKind::Pio, &me));
         results.push(buses.unregister_many(&mut slots, BusKind::Pio, std::slice::from_ref(&me)));
         results.push(buses.unregister_many(&mut slots, BusKind::Pio, &[]));
-        Ok(())
+        Ok(None)
     }
 }
 
@@ -756,15 +756,15 @@ struct Gate {
 }
 
 impl IoDevice for Gate {
-    fn read(&self, _: u64, _: &mut [u8]) -> Result<(), Declined> {
+    fn read(&self, _: Access, _: &mut [u8]) -> Result<(), Declined> {
         Err(Declined)
     }
-    fn write(&self, _: u64, _: &[u8]) -> Result<(), Declined> {
+    fn write(&self, _: Access, _: &[u8]) -> WriteResult {
         self.entered.send(()).unwrap();
         self.release.lock().unwrap().recv().unwrap();
         self.saw_returned
             .store(self.unregister_returned.load(SeqCst), SeqCst);
-        Ok(())
+        Ok(None)
     }
 }
 

@@ -3,7 +3,8 @@
 //! opt-in overlap check, and the dispatch order among overlapping ranges.
 
 use kvm_bus::{
-    BusError, BusKind, Buses, Classic, Declined, Fast, Flavor, IoDevice, IoRange, Removal,
+    Access, BusError, BusKind, Buses, Classic, Declined, Fast, Flavor, IoDevice, IoRange, Removal,
+    WriteResult,
 };
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::mpsc;
@@ -30,14 +31,14 @@ impl Probe {
 }
 
 impl IoDevice for Probe {
-    fn read(&self, _: u64, data: &mut [u8]) -> Result<(), Declined> {
+    fn read(&self, _: Access, data: &mut [u8]) -> Result<(), Declined> {
         self.calls.fetch_add(1, SeqCst);
         data.fill(self.tag);
         Ok(())
     }
-    fn write(&self, _: u64, _: &[u8]) -> Result<(), Declined> {
+    fn write(&self, _: Access, _: &[u8]) -> WriteResult {
         self.calls.fetch_add(1, SeqCst);
-        Ok(())
+        Ok(None)
     }
 }
 
@@ -273,14 +274,14 @@ impl<F: Flavor> SelfMover<F> {
 }
 
 impl<F: Flavor> IoDevice for SelfMover<F> {
-    fn read(&self, _: u64, data: &mut [u8]) -> Result<(), Declined> {
+    fn read(&self, _: Access, data: &mut [u8]) -> Result<(), Declined> {
         self.calls.fetch_add(1, SeqCst);
         data.fill(0x42);
         Ok(())
     }
     /// Write 1: move my window up by 0x1000 (a BAR write). Write 2: eject
     /// myself.
-    fn write(&self, _: u64, data: &[u8]) -> Result<(), Declined> {
+    fn write(&self, _: Access, data: &[u8]) -> WriteResult {
         self.calls.fetch_add(1, SeqCst);
         let buses = self.buses.get().unwrap().upgrade().unwrap();
         let me = self.me.get().unwrap().upgrade().unwrap();
@@ -314,7 +315,7 @@ impl<F: Flavor> IoDevice for SelfMover<F> {
             }
             _ => return Err(Declined),
         }
-        Ok(())
+        Ok(None)
     }
 }
 

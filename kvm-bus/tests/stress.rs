@@ -16,7 +16,7 @@
 //! Bounded by time (about a second per flavor), synchronised by atomics and
 //! a start barrier only.
 
-use kvm_bus::{BusKind, Buses, Declined, Flavor, IoDevice, IoRange};
+use kvm_bus::{Access, BusKind, Buses, Declined, Flavor, IoDevice, IoRange, WriteResult};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
@@ -59,14 +59,14 @@ impl Dev {
 }
 
 impl IoDevice for Dev {
-    fn read(&self, _: u64, data: &mut [u8]) -> Result<(), Declined> {
+    fn read(&self, _: Access, data: &mut [u8]) -> Result<(), Declined> {
         self.deliver();
         data.copy_from_slice(&self.generation.to_le_bytes()[..data.len()]);
         Ok(())
     }
-    fn write(&self, _: u64, _: &[u8]) -> Result<(), Declined> {
+    fn write(&self, _: Access, _: &[u8]) -> WriteResult {
         self.deliver();
-        Ok(())
+        Ok(None)
     }
 }
 

@@ -9,7 +9,7 @@ pub mod vm {
     use std::sync::Arc;
 
     use kvm_bus::kvm::{run_vcpu, MiniVm, StatsSnapshot, VcpuStats, VmExit};
-    use kvm_bus::{Buses, Declined, Flavor, IoDevice};
+    use kvm_bus::{Access, Buses, Declined, Flavor, IoDevice, WriteResult};
     use kvm_ioctls::VcpuFd;
     use parking_lot::Mutex;
 
@@ -49,7 +49,7 @@ pub mod vm {
 
     /// One access a [`Recorder`] saw.
     #[derive(Clone, Debug, PartialEq, Eq)]
-    pub enum Access {
+    pub enum Logged {
         /// A read at `addr` of `len` bytes, answered with `data`.
         Read {
             /// Address.
@@ -76,33 +76,33 @@ pub mod vm {
     /// [`pattern`].
     #[derive(Debug, Default)]
     pub struct Recorder {
-        log: Mutex<Vec<Access>>,
+        log: Mutex<Vec<Logged>>,
         reads: AtomicUsize,
     }
 
     impl Recorder {
         /// A copy of the log.
-        pub fn log(&self) -> Vec<Access> {
+        pub fn log(&self) -> Vec<Logged> {
             self.log.lock().clone()
         }
     }
 
     impl IoDevice for Recorder {
-        fn read(&self, addr: u64, data: &mut [u8]) -> Result<(), Declined> {
+        fn read(&self, access: Access, data: &mut [u8]) -> Result<(), Declined> {
             let seq = self.reads.fetch_add(1, Ordering::Relaxed);
             data.copy_from_slice(&pattern(seq, data.len()));
-            self.log.lock().push(Access::Read {
-                addr,
+            self.log.lock().push(Logged::Read {
+                addr: access.addr(),
                 data: data.to_vec(),
             });
             Ok(())
         }
-        fn write(&self, addr: u64, data: &[u8]) -> Result<(), Declined> {
-            self.log.lock().push(Access::Write {
-                addr,
+        fn write(&self, access: Access, data: &[u8]) -> WriteResult {
+            self.log.lock().push(Logged::Write {
+                addr: access.addr(),
                 data: data.to_vec(),
             });
-            Ok(())
+            Ok(None)
         }
     }
 
@@ -142,17 +142,17 @@ pub mod vm {
     }
 
     impl IoDevice for Counter {
-        fn read(&self, _addr: u64, data: &mut [u8]) -> Result<(), Declined> {
+        fn read(&self, _addr: Access, data: &mut [u8]) -> Result<(), Declined> {
             self.hits.fetch_add(1, Ordering::SeqCst);
             data.fill(0x5a);
             Ok(())
         }
-        fn write(&self, _addr: u64, data: &[u8]) -> Result<(), Declined> {
+        fn write(&self, _addr: Access, data: &[u8]) -> WriteResult {
             let mut v = [0u8; 8];
             v[..data.len()].copy_from_slice(data);
             self.last.store(u64::from_le_bytes(v), Ordering::SeqCst);
             self.hits.fetch_add(1, Ordering::SeqCst);
-            Ok(())
+            Ok(None)
         }
     }
 
@@ -188,15 +188,15 @@ pub mod vm {
     }
 
     impl IoDevice for Doorbell {
-        fn read(&self, _addr: u64, _data: &mut [u8]) -> Result<(), Declined> {
+        fn read(&self, _addr: Access, _data: &mut [u8]) -> Result<(), Declined> {
             Err(Declined)
         }
-        fn write(&self, _addr: u64, data: &[u8]) -> Result<(), Declined> {
+        fn write(&self, _addr: Access, data: &[u8]) -> WriteResult {
             let mut b = [0u8; 8];
             b[..data.len()].copy_from_slice(data);
             *self.value.lock() = u64::from_le_bytes(b);
             self.rung.notify_all();
-            Ok(())
+            Ok(None)
         }
     }
 

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvm_bus::kvm::{Asm, Cond, MiniVm, Reg, VmExit, Width, DATA_ADDR};
-use kvm_bus::{BusKind, Buses, Declined, Flavor, IoDevice, IoRange};
-use tests::vm::{kvm_or_skip, pattern, run_all, run_single, Access, Counter, Doorbell, Recorder};
+use kvm_bus::{Access, BusKind, Buses, Declined, Flavor, IoDevice, IoRange, WriteResult};
+use tests::vm::{kvm_or_skip, pattern, run_all, run_single, Counter, Doorbell, Logged, Recorder};
 
 const PORT: u64 = 0x500;
 const MMIO: u64 = 0xd000_0000;
@@ -32,15 +32,15 @@ fn reg(buses: &Buses<impl Flavor>, kind: BusKind, addr: u64, len: u64, dev: Arc<
         .unwrap();
 }
 
-fn read(addr: u64, len: usize, seq: usize) -> Access {
-    Access::Read {
+fn read(addr: u64, len: usize, seq: usize) -> Logged {
+    Logged::Read {
         addr,
         data: pattern(seq, len),
     }
 }
 
-fn write(addr: u64, data: &[u8]) -> Access {
-    Access::Write {
+fn write(addr: u64, data: &[u8]) -> Logged {
+    Logged::Write {
         addr,
         data: data.to_vec(),
     }
@@ -281,17 +281,17 @@ impl Picky {
 }
 
 impl IoDevice for Picky {
-    fn read(&self, _: u64, data: &mut [u8]) -> Result<(), Declined> {
+    fn read(&self, _: Access, data: &mut [u8]) -> Result<(), Declined> {
         let v = self.answer.ok_or(Declined)?;
         data.fill(v);
         Ok(())
     }
-    fn write(&self, _: u64, data: &[u8]) -> Result<(), Declined> {
+    fn write(&self, _: Access, data: &[u8]) -> WriteResult {
         if data[0] != self.accept {
             return Err(Declined);
         }
         self.log.lock().push(data[0]);
-        Ok(())
+        Ok(None)
     }
 }
 
@@ -393,13 +393,13 @@ struct Hot {
 }
 
 impl IoDevice for Hot {
-    fn read(&self, _: u64, data: &mut [u8]) -> Result<(), Declined> {
+    fn read(&self, _: Access, data: &mut [u8]) -> Result<(), Declined> {
         data.fill(0);
         self.pokes.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
-    fn write(&self, addr: u64, data: &[u8]) -> Result<(), Declined> {
-        if addr == self.base {
+    fn write(&self, access: Access, data: &[u8]) -> WriteResult {
+        if access.addr() == self.base {
             let mut v = [0u8; 8];
             v[..data.len()].copy_from_slice(data);
             self.value.store(u64::from_le_bytes(v), Ordering::SeqCst);
@@ -407,7 +407,7 @@ impl IoDevice for Hot {
         } else {
             self.pokes.fetch_add(1, Ordering::SeqCst);
         }
-        Ok(())
+        Ok(None)
     }
 }
 
@@ -807,23 +807,23 @@ struct PanicsOnce {
 }
 
 impl IoDevice for PanicsOnce {
-    fn read(&self, addr: u64, data: &mut [u8]) -> Result<(), Declined> {
+    fn read(&self, access: Access, data: &mut [u8]) -> Result<(), Declined> {
         if !self.armed_off.swap(true, Ordering::SeqCst) {
-            panic!("PanicsOnce: first access, a read at {addr:#x}");
+            panic!("PanicsOnce: first access, a read at {:#x}", access.addr());
         }
         self.reads.fetch_add(1, Ordering::SeqCst);
         data.fill(0x42);
         Ok(())
     }
-    fn write(&self, addr: u64, data: &[u8]) -> Result<(), Declined> {
+    fn write(&self, access: Access, data: &[u8]) -> WriteResult {
         if !self.armed_off.swap(true, Ordering::SeqCst) {
-            panic!("PanicsOnce: first access, a write at {addr:#x}");
+            panic!("PanicsOnce: first access, a write at {:#x}", access.addr());
         }
         let mut v = [0u8; 8];
         v[..data.len()].copy_from_slice(data);
         self.last_write
             .store(u64::from_le_bytes(v), Ordering::SeqCst);
-        Ok(())
+        Ok(None)
     }
 }
 

@@ -1,5 +1,5 @@
-//! Real KVM: a `kvm-ioctls` vCPU-exit adapter for the buses, and a minimal
-//! VM to run it on.
+//! Real KVM: a `kvm-ioctls` vCPU-exit adapter for the buses (feature
+//! `kvm`, on by default), and a minimal VM to run it on (feature `test-vm`).
 //!
 //! * [`run_vcpu`](crate::kvm::run_vcpu) / [`run_once`](crate::kvm::run_once): run a [`VcpuFd`](kvm_ioctls::VcpuFd),
 //!   dispatch `KVM_EXIT_IO` on the [`Pio`](crate::BusKind::Pio) bus and
@@ -10,24 +10,44 @@
 //!   a device handler that panics is caught and reported as
 //!   [`VmExit::DevicePanicked`](crate::kvm::VmExit::DevicePanicked), and the
 //!   vCPU can go on.
-//! * [`MiniVm`](crate::kvm::MiniVm): a minimal long-mode VM (memory, page tables, guest code,
+//!
+//! With the `test-vm` feature (off by default; it implies `kvm`), test and
+//! demo tools that are not part of a VMM's API:
+//!
+#![cfg_attr(
+    feature = "test-vm",
+    doc = "* [`MiniVm`](crate::kvm::MiniVm): a minimal long-mode VM (memory, page tables, guest code,"
+)]
+#![cfg_attr(
+    not(feature = "test-vm"),
+    doc = "* `MiniVm`: a minimal long-mode VM (memory, page tables, guest code,"
+)]
 //!   N vCPUs) for demos, tests and benchmarks, with a typed error when
 //!   `/dev/kvm` is missing or not accessible.
-//! * [`Asm`](crate::kvm::Asm): a tiny x86-64 code emitter to write guest code in Rust.
+#![cfg_attr(
+    feature = "test-vm",
+    doc = "* [`Asm`](crate::kvm::Asm): a tiny x86-64 code emitter to write guest code in Rust."
+)]
+#![cfg_attr(
+    not(feature = "test-vm"),
+    doc = "* `Asm`: a tiny x86-64 code emitter to write guest code in Rust."
+)]
 //!
-//! A VMM's vCPU thread, in full:
+//! A VMM's vCPU thread, in full (the VM is a `MiniVm`, so this example is
+//! built with the `test-vm` feature only):
 //!
-//! ```no_run
+#![cfg_attr(feature = "test-vm", doc = "```no_run")]
+#![cfg_attr(not(feature = "test-vm"), doc = "```ignore")]
 //! use kvm_bus::kvm::{run_vcpu, MiniVm, VcpuStats, VmExit, Asm, Reg, Width};
-//! use kvm_bus::{Buses, BusKind, Declined, IoDevice, IoRange};
+//! use kvm_bus::{Access, Buses, BusKind, Declined, WriteResult, IoDevice, IoRange};
 //! use std::sync::Arc;
 //!
 //! struct Serial;
 //! impl IoDevice for Serial {
-//!     fn read(&self, _: u64, _: &mut [u8]) -> Result<(), Declined> { Err(Declined) }
-//!     fn write(&self, _: u64, data: &[u8]) -> Result<(), Declined> {
+//!     fn read(&self, _: Access, _: &mut [u8]) -> Result<(), Declined> { Err(Declined) }
+//!     fn write(&self, _: Access, data: &[u8]) -> WriteResult {
 //!         print!("{}", data[0] as char);
-//!         Ok(())
+//!         Ok(None)
 //!     }
 //! }
 //!
@@ -50,16 +70,22 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+#[cfg(feature = "test-vm")]
 mod error;
 mod exit;
+#[cfg(feature = "test-vm")]
 pub mod guest;
 mod stats;
+#[cfg(feature = "test-vm")]
 mod vm;
 
+#[cfg(feature = "test-vm")]
 pub use error::VmError;
-pub use exit::{run_once, run_vcpu, DevicePanic, VmExit};
+pub use exit::{dispatch_kvm_run, run_once, run_vcpu, DevicePanic, RunDispatch, VmExit};
+#[cfg(feature = "test-vm")]
 pub use guest::{Asm, Cond, Label, Reg, Width, CODE_ADDR, DATA_ADDR};
 pub use stats::{Latency, StatsSnapshot, VcpuStats};
+#[cfg(feature = "test-vm")]
 pub use vm::{
     timed, GuestMemory, IoeventfdTiming, MiniVm, MiniVmBuilder, DEFAULT_MEM_SIZE, MAX_VCPUS,
     STACK_SIZE,

@@ -21,6 +21,9 @@ pub struct VcpuStats {
     unhandled_writes: AtomicU64,
     device_panics: AtomicU64,
     dispatch_ns: AtomicU64,
+    /// The vCPU these counters belong to, passed to handlers in
+    /// [`Access::vcpu`](crate::Access).
+    vcpu: Option<u32>,
 }
 
 /// A copy of a [`VcpuStats`] at one moment.
@@ -74,9 +77,29 @@ fn bump(c: &AtomicU64, by: u64) {
 }
 
 impl VcpuStats {
-    /// All counters zero.
+    /// All counters zero, for a vCPU whose index handlers need not know
+    /// ([`Access::vcpu`](crate::Access) is `None`).
     pub fn new() -> VcpuStats {
         VcpuStats::default()
+    }
+
+    /// All counters zero, for vCPU `index`: the exit adapter passes the
+    /// index to handlers in [`Access::vcpu`](crate::Access).
+    ///
+    /// ```
+    /// let stats = kvm_bus::kvm::VcpuStats::for_vcpu(3);
+    /// assert_eq!(stats.vcpu(), Some(3));
+    /// ```
+    pub fn for_vcpu(index: u32) -> VcpuStats {
+        VcpuStats {
+            vcpu: Some(index),
+            ..VcpuStats::default()
+        }
+    }
+
+    /// The vCPU index given to [`for_vcpu`](VcpuStats::for_vcpu).
+    pub fn vcpu(&self) -> Option<u32> {
+        self.vcpu
     }
 
     /// Reads every counter (each one atomically; the set is not a single

@@ -1,12 +1,12 @@
 // A bus reference from `get_bus` cannot be kept across an
 // `unregister_many` under the same slots guard.
-use kvm_bus::{BusKind, Buses, Declined, IoDevice, IoRange};
+use kvm_bus::{Access, BusKind, Buses, Declined, WriteResult, IoDevice, IoRange};
 use std::sync::Arc;
 
 struct Sink;
 impl IoDevice for Sink {
-    fn read(&self, _: u64, _: &mut [u8]) -> Result<(), Declined> { Err(Declined) }
-    fn write(&self, _: u64, _: &[u8]) -> Result<(), Declined> { Ok(()) }
+    fn read(&self, _: Access, _: &mut [u8]) -> Result<(), Declined> { Err(Declined) }
+    fn write(&self, _: Access, _: &[u8]) -> WriteResult { Ok(None) }
 }
 
 fn main() {

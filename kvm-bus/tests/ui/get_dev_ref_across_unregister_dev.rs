@@ -1,12 +1,12 @@
 // A device reference from `IoBus::get_dev` on the update side cannot be
 // kept across `unregister_dev` of that device.
-use kvm_bus::{BusKind, Buses, Declined, IoDevice, IoRange};
+use kvm_bus::{Access, BusKind, Buses, Declined, WriteResult, IoDevice, IoRange};
 use std::sync::Arc;
 
 struct Sink;
 impl IoDevice for Sink {
-    fn read(&self, _: u64, _: &mut [u8]) -> Result<(), Declined> { Err(Declined) }
-    fn write(&self, _: u64, _: &[u8]) -> Result<(), Declined> { Ok(()) }
+    fn read(&self, _: Access, _: &mut [u8]) -> Result<(), Declined> { Err(Declined) }
+    fn write(&self, _: Access, _: &[u8]) -> WriteResult { Ok(None) }
 }
 
 fn main() {
@@ -17,5 +17,5 @@ fn main() {
     let d = buses.get_bus(&slots, BusKind::Mmio).get_dev(0xd000_0010).unwrap();
     let owned = d.clone();
     buses.unregister_dev(&mut slots, BusKind::Mmio, &owned).unwrap();
-    let _ = d.write(0xd000_0010, &[1]); // LATER USE
+    let _ = d.write(Access::new(0xd000_0000, 0x10, None), &[1]); // LATER USE
 }

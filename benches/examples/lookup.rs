@@ -1,0 +1,150 @@
+//! Measures bus lookup (issue "Performance at the floor", part 4).
+//!
+//! `cargo run --release -p benches --example lookup -- bench [ROUNDS]`:
+//! 1-thread dispatch ns for 1, 64 and 1000 devices, kvm-bus classic and
+//! fast and the `RwLock<BTreeMap>` peer, the buses measured in rotation
+//! (ROUNDS samples of 50 000 dispatches each, so that a noisy neighbour
+//! hits every bus alike), at the benchmark's fixed address
+//! ([`bus::target`]) and at random addresses over the devices; plus the
+//! bare lookup (`IoBus::get_dev`). Prints medians and min..max.
+//!
+//! `... -- loop BUS N ITERS [fixed|random]`: only ITERS dispatches (BUS =
+//! srcu, srcu_fast, rwlock_btreemap or get_dev) on an N-device bus, for
+//! `valgrind --tool=callgrind --branch-sim=yes` and `perf record`.
+
+use benches::bus::{self, DispatchBus, RwLockBTreeBus, SrcuBus};
+use benches::harness::{ns_per_op, Stats};
+use kvm_bus::{BusKind, Buses};
+use std::hint::black_box;
+
+const ITERS: u64 = 50_000;
+
+/// Addresses inside random devices of an `n`-device bus (xorshift, fixed
+/// seed), 4 bytes into the device's range.
+fn random_addrs(n: usize, count: usize) -> Vec<u64> {
+    let mut s = 0x9e37_79b9_7f4a_7c15u64;
+    (0..count)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            bus::range((s % n as u64) as usize).addr() + 4
+        })
+        .collect()
+}
+
+/// One sample: ns per dispatch over `ITERS` dispatches at `addrs` (in turn).
+#[inline(never)]
+fn sample<B: DispatchBus>(b: &B, addrs: &[u64]) -> f64 {
+    let data = [1u8, 2, 3, 4];
+    let mut i = 0;
+    ns_per_op(ITERS, || {
+        black_box(b.dispatch(black_box(addrs[i]), &data));
+        i += 1;
+        if i == addrs.len() {
+            i = 0;
+        }
+    })
+}
+
+/// `get_dev` only: no SRCU section, no device call.
+#[inline(never)]
+fn sample_get_dev(buses: &Buses, addrs: &[u64]) -> f64 {
+    let slots = buses.lock_slots();
+    let b = buses.get_bus(&slots, BusKind::Mmio);
+    let mut i = 0;
+    ns_per_op(ITERS, || {
+        black_box(b.get_dev(black_box(addrs[i])).is_some());
+        i += 1;
+        if i == addrs.len() {
+            i = 0;
+        }
+    })
+}
+
+fn get_dev_bus(n: usize) -> Buses {
+    let b = SrcuBus::<srcu::Classic> {
+        buses: Buses::default(),
+    };
+    b.add(0, n);
+    b.buses
+}
+
+fn fmt(s: &Stats) -> String {
+    let (lo, hi) = s.min_max();
+    format!("{:6.1} ({:5.1}..{:5.1})", s.median(), lo, hi)
+}
+
+fn bench(rounds: usize) {
+    println!("1-thread ns per dispatch: median (min..max) of {rounds} rotated samples");
+    for n in [1usize, 64, 1000] {
+        let classic = SrcuBus::<srcu::Classic>::with_devices(n);
+        let fast = SrcuBus::<srcu::Fast>::with_devices(n);
+        let btree = RwLockBTreeBus::with_devices(n);
+        let gd = get_dev_bus(n);
+        for (what, addrs) in [
+            ("fixed ", vec![bus::target(n)]),
+            ("random", random_addrs(n, 4096)),
+        ] {
+            let mut s = [(); 4].map(|_| Stats::default());
+            // Warm-up.
+            sample(&classic, &addrs);
+            sample(&fast, &addrs);
+            sample(&btree, &addrs);
+            sample_get_dev(&gd, &addrs);
+            for _ in 0..rounds {
+                s[0].samples.push(sample(&classic, &addrs));
+                s[1].samples.push(sample(&fast, &addrs));
+                s[2].samples.push(sample(&btree, &addrs));
+                s[3].samples.push(sample_get_dev(&gd, &addrs));
+            }
+            println!(
+                "n={n:4} {what}: classic {}  fast {}  rwlock_btreemap {}  get_dev {}  classic/btree {:.2}",
+                fmt(&s[0]),
+                fmt(&s[1]),
+                fmt(&s[2]),
+                fmt(&s[3]),
+                s[0].median() / s[2].median()
+            );
+        }
+    }
+}
+
+fn run_loop<B: DispatchBus>(n: usize, iters: u64, addrs: &[u64]) {
+    let b = B::with_devices(n);
+    let data = [1u8, 2, 3, 4];
+    for i in 0..iters as usize {
+        black_box(b.dispatch(black_box(addrs[i % addrs.len()]), &data));
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("bench") | None => bench(args.get(1).map_or(21, |r| r.parse().expect("ROUNDS"))),
+        Some("loop") => {
+            let which = args.get(1).expect("BUS").as_str();
+            let n: usize = args.get(2).expect("N").parse().expect("N");
+            let iters: u64 = args.get(3).expect("ITERS").parse().expect("ITERS");
+            let addrs = match args.get(4).map_or("fixed", String::as_str) {
+                "random" => random_addrs(n, 4096),
+                _ => vec![bus::target(n)],
+            };
+            match which {
+                "srcu" => run_loop::<SrcuBus<srcu::Classic>>(n, iters, &addrs),
+                "srcu_fast" => run_loop::<SrcuBus<srcu::Fast>>(n, iters, &addrs),
+                "rwlock_btreemap" => run_loop::<RwLockBTreeBus>(n, iters, &addrs),
+                "get_dev" => {
+                    let gd = get_dev_bus(n);
+                    let slots = gd.lock_slots();
+                    let b = gd.get_bus(&slots, BusKind::Mmio);
+                    for i in 0..iters as usize {
+                        black_box(b.get_dev(black_box(addrs[i % addrs.len()])).is_some());
+                    }
+                }
+                other => panic!("unknown bus {other}"),
+            }
+        }
+        Some(other) => panic!("unknown mode {other}"),
+    }
+}
