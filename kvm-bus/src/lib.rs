@@ -167,6 +167,9 @@
 //! * `kvm` (default): the `kvm` module, the `kvm-ioctls` vCPU-exit adapter
 //!   (`kvm::run_vcpu`, `kvm::run_once`, `kvm::VmExit`, `kvm::VcpuStats`).
 //!   Linux x86_64 only: elsewhere the feature enables nothing.
+//! * `vm-device` (off): the `rust_vmm` module, adapters (`rust_vmm::Pio`,
+//!   `rust_vmm::Mmio`) for devices written against rust-vmm's vm-device
+//!   0.1 traits.
 //! * `test-vm` (off; implies `kvm`): test and demo tools, not part of a
 //!   VMM's API: `kvm::MiniVm` (a minimal long-mode VM: guest memory, page
 //!   tables, N vCPUs, `IoeventfdTiming`, `timed`) and `kvm::Asm` (an x86-64

@@ -86,6 +86,12 @@ impl Callbacks {
         }
     }
 
+    /// True once the domain's handle has been dropped: no read section can
+    /// exist any more.
+    pub(crate) fn is_shut_down(&self) -> bool {
+        self.state.lock().shutdown
+    }
+
     /// Stops the worker after it has run everything queued. Called by the
     /// handle's `Drop`. If there is no worker (never started, or this is a
     /// forked child), the queue is drained here: nothing queued is lost.

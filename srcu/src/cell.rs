@@ -302,7 +302,9 @@ impl<T: Send + 'static> Stale<T> {
     /// assert_eq!(*old.synchronize(), "unpublished"); // no wait now
     /// ```
     pub fn is_complete(&self) -> bool {
-        if self.domain.gp.completed() >= self.safe_after {
+        if self.domain.gp.completed() >= self.safe_after || self.domain.cbs.is_shut_down() {
+            // (Without the domain's handle no reader can exist, and no
+            // worker would drive the grace period.)
             return true;
         }
         self.domain.request_gp_at_least(self.safe_after);

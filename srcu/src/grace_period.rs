@@ -184,8 +184,14 @@ impl Inner {
     /// Blocks until grace period `target` has completed, driving (up to
     /// `target` only) whenever nobody else does.
     pub(crate) fn wait_for_gp(&self, target: u64) {
+        let st = self.gp.state.lock();
+        self.wait_for_gp_locked(st, target);
+    }
+
+    /// [`wait_for_gp`](Inner::wait_for_gp) with the state already locked
+    /// (one lock round trip fewer on the idle path).
+    fn wait_for_gp_locked<'a>(&'a self, mut st: MutexGuard<'a, State>, target: u64) {
         let gp = &self.gp;
-        let mut st = gp.state.lock();
         st.requested = st.requested.max(target);
         let mut spun = false;
         while st.completed < target {
@@ -224,8 +230,12 @@ impl Inner {
     /// An expedited grace period: drivers nap at most 500 µs while this
     /// waits.
     pub(crate) fn synchronize_expedited_inner(&self) {
-        let target = self.request_gp();
-        self.wait_for_gp_expedited(target);
+        self.gp.expedite.fetch_add(1, Relaxed);
+        let _undo = Expedited(&self.gp.expedite);
+        Stats::add(&self.stats.expedited_requests, 1);
+        let mut st = self.gp.state.lock();
+        let target = GracePeriods::request(&mut st);
+        self.wait_for_gp_locked(st, target);
     }
 
     /// [`wait_for_gp`](Inner::wait_for_gp), asking drivers to nap less.
@@ -250,8 +260,9 @@ impl Inner {
     /// Waits for a grace period that starts after now (driving it if
     /// nobody does): `synchronize`, minus the self-deadlock check.
     pub(crate) fn synchronize_inner(&self) {
-        let target = self.request_gp();
-        self.wait_for_gp(target);
+        let mut st = self.gp.state.lock();
+        let target = GracePeriods::request(&mut st);
+        self.wait_for_gp_locked(st, target);
     }
 
     /// Requests a grace period starting after now and returns its number.
@@ -288,25 +299,34 @@ impl Inner {
     }
 
     /// One full grace period (see the module docs).
+    ///
+    /// The clock is read only if a scan has to wait: an idle grace period
+    /// (two scans that find nothing) costs its barriers and nothing else.
     fn run_one(&self, number: u64) {
-        let t0 = Instant::now();
         barriers::f_g(); // F: caller's unpublishing stores before the scans.
-        let idx = self.idx.load(Relaxed); // only the driver writes it
-                                          // SCAN1: stragglers that loaded the old index before the last flip
-                                          // (`--cfg srcu_teeth="scan1"` removes it, for scripts/teeth.sh).
-        if !cfg!(srcu_teeth = "scan1") {
-            self.wait_drained(1 ^ (idx & 1), number);
-        }
+        // Only the driver writes `idx`.
+        let idx = self.idx.load(Relaxed);
+        // SCAN1: stragglers that loaded the old index before the last flip
+        // (`--cfg srcu_teeth="scan1"` removes it, for scripts/teeth.sh).
+        let waited1 = if cfg!(srcu_teeth = "scan1") {
+            None
+        } else {
+            self.wait_drained(1 ^ (idx & 1), number)
+        };
         barriers::e(); // E: pairs with B and C (through A of that scan).
         self.idx.store(idx.wrapping_add(1), Relaxed); // the flip
         self.heavy(barriers::d); // D: pairs with C.
-        self.wait_drained(idx & 1, number);
+        let waited2 = self.wait_drained(idx & 1, number);
         barriers::f_g(); // G: the scans before the caller's frees.
         Stats::add_by_driver(&self.stats.grace_periods, 1);
-        Stats::max(
-            &self.stats.longest_grace_period_ns,
-            t0.elapsed().as_nanos() as u64,
-        );
+        if let Some(since) = waited1.or(waited2) {
+            // From the first wait on: an idle grace period is far shorter
+            // than any that waited, so the longest is measured right.
+            Stats::max(
+                &self.stats.longest_grace_period_ns,
+                since.elapsed().as_nanos() as u64,
+            );
+        }
     }
 
     /// Runs a grace-period-side full barrier (`membarrier` in a fast
@@ -333,9 +353,10 @@ impl Inner {
 
     /// Polls until index `i` has no readers: spins, yields, then sleeps
     /// (module docs).
-    fn wait_drained(&self, i: usize, number: u64) {
+    /// Returns when the wait began, if it had to wait at all.
+    fn wait_drained(&self, i: usize, number: u64) -> Option<Instant> {
         if self.poll_drained(i) {
-            return;
+            return None;
         }
         let start = Instant::now();
         let cpu_start = crate::stats::thread_cpu_ns();
@@ -379,6 +400,7 @@ impl Inner {
             &s.wait_cpu_ns,
             crate::stats::thread_cpu_ns().saturating_sub(cpu_start),
         );
+        Some(start)
     }
 }
 

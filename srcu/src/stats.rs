@@ -108,7 +108,9 @@ pub struct SrcuStats {
     /// clock), in nanoseconds: spinning for the first microseconds, then
     /// sleeping with back-off.
     pub wait_cpu_ns: u64,
-    /// The longest grace period so far, from start to end, in nanoseconds.
+    /// The longest grace period so far, in nanoseconds, from the moment it
+    /// started waiting for readers to its end (idle grace periods, which
+    /// never wait, are not timed: they cost a few microseconds at most).
     pub longest_grace_period_ns: u64,
     /// Times a driver stopped at its own target and handed the remaining
     /// grace periods to a waiter (bounded latency for every caller).

@@ -420,3 +420,14 @@ fn read_lock_in_thread_local_destructor() {
     assert_eq!(s.readers(), 0);
     s.synchronize();
 }
+
+/// A value retired into a domain whose handle is then dropped is complete
+/// at once: no reader can exist, and polling must not spin forever.
+#[test]
+fn stale_of_a_dropped_domain_is_complete() {
+    let srcu = Srcu::new();
+    let old = srcu.retire(5u32);
+    drop(srcu);
+    assert!(old.is_complete());
+    assert_eq!(*old.synchronize(), 5);
+}
