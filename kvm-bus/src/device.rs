@@ -61,7 +61,7 @@ impl Access {
 /// A write handler that hands work to another thread (reprogramming a BAR
 /// in the device manager, say) and needs the vCPU to stay out of the guest
 /// until that work is done returns one. The exit adapter
-/// ([`kvm::run_vcpu`](crate::kvm::run_vcpu)) and [`Buses::write`](crate::Buses::write)
+/// (`kvm::run_vcpu`, feature `kvm`) and [`Buses::write`](crate::Buses::write)
 /// wait on it *after* leaving the read section: waiting inside would hold
 /// back every grace period, so every `unregister_dev`, for as long as the
 /// other thread takes.
