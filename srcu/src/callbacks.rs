@@ -86,6 +86,14 @@ impl Callbacks {
         }
     }
 
+    /// `fork` support (`fork.rs`): takes the internal locks, in the
+    /// crate's lock order, and hands the guards to `keep`.
+    #[cfg(all(unix, not(loom)))]
+    pub(crate) fn lock_for_fork<'a>(&'a self, keep: &mut impl FnMut(crate::fork::Held<'a>)) {
+        keep(Box::new(self.state.lock()));
+        keep(Box::new(self.worker.lock()));
+    }
+
     /// True once the domain's handle has been dropped: no read section can
     /// exist any more.
     pub(crate) fn is_shut_down(&self) -> bool {
@@ -188,7 +196,7 @@ fn worker(inner: Arc<Inner>) {
             if just_ran && st.hurry == 0 {
                 just_ran = false;
                 st.worker_napping = true;
-                let _ = cbs.work.wait_for(&mut st, NAP);
+                cbs.work.wait_for(&mut st, NAP);
                 st.worker_napping = false;
                 continue;
             }

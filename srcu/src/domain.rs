@@ -4,7 +4,7 @@ use crate::callbacks::Callbacks;
 use crate::flavor::{Classic, CounterPath, Fast, Flavor, ReaderMode};
 use crate::grace_period::GracePeriods;
 use crate::guard::ReadGuard;
-use crate::percpu::Counters;
+use crate::percpu::{Counters, ReadTicket};
 use crate::stall::{StallHook, StallReport};
 use crate::sync::{Arc, AtomicUsize};
 use core::marker::PhantomData;
@@ -27,6 +27,9 @@ pub(crate) struct Inner {
     /// This domain's slot in the per-thread section counts (`held.rs`);
     /// set to "untracked" when the handle is dropped and the slot freed
     /// (cells may keep `Inner` alive; no section can exist then).
+    /// (Read sections use the plain copy in `counters`, which their
+    /// tickets carry: it is fixed while the handle lives, since only the
+    /// handle's drop changes this, when no section can exist.)
     held_slot: core::sync::atomic::AtomicU8,
     pub(crate) stats: crate::stats::Stats,
 }
@@ -126,16 +129,16 @@ impl<F: Flavor> Builder<F> {
     /// Creates the domain: allocates the per-CPU slots, and for the fast
     /// flavor registers the process with membarrier (once per process).
     pub fn build(self) -> Srcu<F> {
+        let fast = F::FAST && crate::membarrier::register();
+        let held_slot = crate::held::alloc_slot();
         let counters = match self.nr_cpus {
-            Some(n) => Counters::with_cpus(n, self.force_atomic),
-            None => Counters::new(self.force_atomic),
+            Some(n) => Counters::with_cpus(n, self.force_atomic, fast, held_slot),
+            None => Counters::new(self.force_atomic, fast, held_slot),
         };
         if let Some(v) = self.preset {
             counters.preset(v);
         }
-        crate::fork::watch();
-        let fast = F::FAST && crate::membarrier::register();
-        Srcu {
+        let srcu = Srcu {
             inner: Arc::new(Inner {
                 idx: AtomicUsize::new(0),
                 fast,
@@ -144,11 +147,13 @@ impl<F: Flavor> Builder<F> {
                 cbs: Callbacks::new(),
                 stall_timeout: self.stall_timeout,
                 stall_hook: self.stall_hook.unwrap_or_else(crate::stall::default_hook),
-                held_slot: core::sync::atomic::AtomicU8::new(crate::held::alloc_slot()),
+                held_slot: core::sync::atomic::AtomicU8::new(held_slot),
                 stats: crate::stats::Stats::default(),
             }),
             _flavor: PhantomData,
-        }
+        };
+        crate::fork::watch(&srcu.inner);
+        srcu
     }
 }
 
@@ -203,14 +208,17 @@ impl<F: Flavor> Srcu<F> {
         // Pairs with barriers D and E around the flip: a reader that reads
         // a stale index is covered by the grace period's first scan.
         let idx = inner.idx.load(Relaxed) & 1;
-        inner.counters.inc_lock(idx, F::FAST && inner.fast);
-        ReadGuard::new(self, idx)
+        // One test of the domain's read mode, then the counter update; the
+        // fast flavor's test also covers "membarrier unavailable".
+        let ticket = inner.counters.inc_lock(idx, F::FAST);
+        ReadGuard::new(self, ticket)
     }
 
-    /// Leaves a read section entered with index `idx` (the guard's drop).
-    #[inline]
-    pub(crate) fn read_unlock(&self, idx: usize) {
-        self.inner.counters.inc_unlock(idx);
+    /// Leaves a read section with the ticket its `read_lock` returned (the
+    /// guard's drop).
+    #[inline(always)]
+    pub(crate) fn read_unlock(&self, ticket: ReadTicket) {
+        self.inner.counters.inc_unlock(ticket);
     }
 
     /// Which barriers readers execute: [`ReaderMode::Membarrier`] for a fast
@@ -259,6 +267,14 @@ impl<F: Flavor> Srcu<F> {
         c.readers(0).wrapping_add(c.readers(1))
     }
 }
+
+// A panic anywhere (a stall hook, a callback, a failing system call, a
+// reader's section) leaves the domain consistent: grace-period and callback
+// state are restored on unwind (grace_period.rs, callbacks.rs) and a guard
+// ends its section when dropped during unwinding. So a `&Srcu` may cross a
+// `catch_unwind` boundary.
+impl<F: Flavor> std::panic::RefUnwindSafe for Srcu<F> {}
+impl<F: Flavor> std::panic::UnwindSafe for Srcu<F> {}
 
 impl<F: Flavor> core::fmt::Debug for Srcu<F> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {

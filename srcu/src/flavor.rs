@@ -14,7 +14,8 @@ mod sealed {
 ///   ns when idle). Pick it when updates are frequent or latency-critical,
 ///   or when the process may not use `membarrier` (seccomp).
 /// * [`Fast`]: readers execute no fence at all (two non-locked per-CPU adds
-///   in restartable sequences, about 1 ns per section); every grace period
+///   in restartable sequences, within about 10% of the cost of those two
+///   adds alone, a few ns per section); every grace period
 ///   issues a few `membarrier` system calls, each of which interrupts every
 ///   CPU running a thread of the process (microseconds, more in a VM). Pick
 ///   it when reads vastly outnumber updates, as vCPU exits outnumber device

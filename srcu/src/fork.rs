@@ -5,10 +5,11 @@
 //! recorded under an older generation is treated as gone and replaced (the
 //! worker is started again, another caller drives).
 //!
-//! What the child cannot survive, as with any library that uses threads
-//! and locks: forking while another thread holds one of the domain's
-//! internal mutexes (in the middle of `call_srcu` or of a grace-period
-//! step); POSIX allows only async-signal-safe calls in such a child.
+//! The `prepare` handler takes every live domain's internal mutexes before
+//! the fork (and the `parent`/`child` handlers release them), so the child
+//! never inherits one locked by a thread it does not have. What remains
+//! outside the crate's control, as for any library with threads: locks of
+//! other libraries held by other threads at the moment of the fork.
 
 use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
@@ -21,25 +22,105 @@ pub(crate) fn generation() -> u64 {
     GENERATION.load(Relaxed)
 }
 
+/// Anything that is only ever dropped (a lock guard held across a `fork`).
 #[cfg(all(unix, not(loom)))]
-extern "C" fn in_child() {
-    // Async-signal-safe: one atomic add.
-    GENERATION.fetch_add(1, Relaxed);
-}
+pub(crate) trait Release {}
+#[cfg(all(unix, not(loom)))]
+impl<T> Release for T {}
 
-/// Installs the `atfork` handler once per process (called when a domain is
-/// created).
-pub(crate) fn watch() {
-    #[cfg(all(unix, not(loom)))]
-    {
-        static ONCE: std::sync::Once = std::sync::Once::new();
-        ONCE.call_once(|| {
-            // SAFETY: registers a child handler that only does an atomic
-            // add; no prepare/parent handlers.
-            let r = unsafe { libc::pthread_atfork(None, None, Some(in_child)) };
-            if r != 0 {
-                eprintln!("srcu: pthread_atfork failed ({r}); a forked child cannot restart the callback worker");
-            }
-        });
+/// A lock guard held across a `fork`.
+#[cfg(all(unix, not(loom)))]
+pub(crate) type Held<'a> = Box<dyn Release + 'a>;
+
+/// The live domains, for the `atfork` handlers (non-loom Unix only).
+#[cfg(all(unix, not(loom)))]
+mod handlers {
+    use super::{Held, GENERATION};
+    use crate::domain::Inner;
+    use core::cell::RefCell;
+    use core::sync::atomic::Ordering::Relaxed;
+    use std::sync::{Arc, Mutex, Weak};
+
+    static LIVE: Mutex<Vec<Weak<Inner>>> = Mutex::new(Vec::new());
+
+    std::thread_local! {
+        /// Between `prepare` and `parent`/`child`, on the forking thread:
+        /// the guards taken (released in reverse), and the domains they
+        /// belong to (kept alive until then).
+        static HELD: RefCell<(Vec<Held<'static>>, Vec<Arc<Inner>>)> =
+            const { RefCell::new((Vec::new(), Vec::new())) };
+    }
+
+    pub(super) fn register(inner: &Arc<Inner>) {
+        let mut live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
+        live.retain(|w| w.strong_count() > 0);
+        live.push(Arc::downgrade(inner));
+    }
+
+    /// Before `fork`: take every live domain's internal locks, so that no
+    /// other thread holds one at the moment of the fork (the child would
+    /// inherit it locked by a thread it does not have). The locks are the
+    /// standard library's futex mutexes: the child inherits only their
+    /// words, and `release` unlocks them as the thread that locked them.
+    pub(super) extern "C" fn prepare() {
+        let live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
+        let domains: Vec<Arc<Inner>> = live.iter().filter_map(Weak::upgrade).collect();
+        let mut guards: Vec<Held<'static>> = vec![Box::new(live)];
+        for inner in &domains {
+            let mut keep = |g: Held<'_>| {
+                // SAFETY: the guard borrows a mutex inside `inner`, which the
+                // `Arc` in `HELD` keeps alive until after `release` has
+                // dropped every guard (guards first, then the domains).
+                guards.push(unsafe { core::mem::transmute::<Held<'_>, Held<'static>>(g) });
+            };
+            // The crate's lock order: callback state, then grace periods.
+            inner.cbs.lock_for_fork(&mut keep);
+            inner.gp.lock_for_fork(&mut keep);
+        }
+        HELD.with(|h| *h.borrow_mut() = (guards, domains));
+    }
+
+    /// After `fork`, in the parent and in the child (the forking thread's
+    /// copy): release what `prepare` took.
+    fn release() {
+        let (mut guards, domains) = HELD.with(|h| core::mem::take(&mut *h.borrow_mut()));
+        while let Some(g) = guards.pop() {
+            drop(g);
+        }
+        drop(domains);
+    }
+
+    pub(super) extern "C" fn parent() {
+        release();
+    }
+
+    pub(super) extern "C" fn child() {
+        GENERATION.fetch_add(1, Relaxed);
+        release();
     }
 }
+
+/// Registers a new domain with the `atfork` handlers, and installs them
+/// once per process.
+#[cfg(all(unix, not(loom)))]
+pub(crate) fn watch(inner: &std::sync::Arc<crate::domain::Inner>) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: the handlers only lock and unlock this crate's mutexes
+        // and bump an atomic (see `handlers`).
+        let r = unsafe {
+            libc::pthread_atfork(
+                Some(handlers::prepare),
+                Some(handlers::parent),
+                Some(handlers::child),
+            )
+        };
+        if r != 0 {
+            eprintln!("srcu: pthread_atfork failed ({r}); a forked child cannot restart the callback worker");
+        }
+    });
+    handlers::register(inner);
+}
+
+#[cfg(not(all(unix, not(loom))))]
+pub(crate) fn watch(_inner: &crate::sync::Arc<crate::domain::Inner>) {}

@@ -140,6 +140,13 @@ impl GracePeriods {
         self.completed.load(Acquire)
     }
 
+    /// `fork` support (`fork.rs`): takes the state lock and hands the
+    /// guard to `keep`.
+    #[cfg(all(unix, not(loom)))]
+    pub(crate) fn lock_for_fork<'a>(&'a self, keep: &mut impl FnMut(crate::fork::Held<'a>)) {
+        keep(Box::new(self.state.lock()));
+    }
+
     /// The number of the first grace period that starts after now, recorded
     /// as requested.
     fn request(st: &mut State) -> u64 {
@@ -303,7 +310,8 @@ impl Inner {
     /// The clock is read only if a scan has to wait: an idle grace period
     /// (two scans that find nothing) costs its barriers and nothing else.
     fn run_one(&self, number: u64) {
-        barriers::f_g(); // F: caller's unpublishing stores before the scans.
+        // F: the caller's unpublishing stores before the scans.
+        barriers::f_g();
         // Only the driver writes `idx`.
         let idx = self.idx.load(Relaxed);
         // SCAN1: stragglers that loaded the old index before the last flip

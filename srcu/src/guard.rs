@@ -2,6 +2,7 @@
 
 use crate::domain::Srcu;
 use crate::flavor::{Classic, Flavor};
+use crate::percpu::ReadTicket;
 use core::marker::PhantomData;
 
 /// A read section of an [`Srcu`] domain; dropping it calls `read_unlock`.
@@ -38,7 +39,10 @@ use core::marker::PhantomData;
 #[must_use = "the read section ends when the guard is dropped"]
 pub struct ReadGuard<'a, F: Flavor = Classic> {
     srcu: &'a Srcu<F>,
-    idx: usize,
+    /// What the drop needs (from `read_lock`): the section's counter
+    /// words, the rseq offset and bound, the tracking slot. Carried here
+    /// so the drop reloads nothing from the domain.
+    ticket: ReadTicket,
     /// `!Send + !Sync`: the section is counted on this thread.
     _here: PhantomData<*const ()>,
 }
@@ -47,11 +51,11 @@ impl<'a, F: Flavor> ReadGuard<'a, F> {
     /// Wraps a section whose lock increment was just made, counting it on
     /// this thread.
     #[inline(always)]
-    pub(crate) fn new(srcu: &'a Srcu<F>, idx: usize) -> Self {
-        crate::held::enter(srcu.inner.held_slot());
+    pub(crate) fn new(srcu: &'a Srcu<F>, ticket: ReadTicket) -> Self {
+        crate::held::enter(ticket.held_slot);
         ReadGuard {
             srcu,
-            idx,
+            ticket,
             _here: PhantomData,
         }
     }
@@ -76,10 +80,10 @@ impl<'a, F: Flavor> ReadGuard<'a, F> {
     /// ```
     pub fn into_sendable(self) -> SendableReadGuard<'a, F> {
         let this = core::mem::ManuallyDrop::new(self);
-        crate::held::leave(this.srcu.inner.held_slot());
+        crate::held::leave(this.ticket.held_slot);
         SendableReadGuard {
             srcu: this.srcu,
-            idx: this.idx,
+            idx: this.index(),
         }
     }
 
@@ -112,7 +116,7 @@ impl<'a, F: Flavor> ReadGuard<'a, F> {
     /// The counter index this section uses (0 or 1). For tests and
     /// diagnostics.
     pub fn index(&self) -> usize {
-        self.idx
+        self.srcu.inner.counters.ticket_idx(self.ticket)
     }
 
     /// Identity of the domain (compared by cells).
@@ -123,10 +127,10 @@ impl<'a, F: Flavor> ReadGuard<'a, F> {
 }
 
 impl<F: Flavor> Drop for ReadGuard<'_, F> {
-    #[inline]
+    #[inline(always)]
     fn drop(&mut self) {
-        self.srcu.read_unlock(self.idx);
-        crate::held::leave(self.srcu.inner.held_slot());
+        self.srcu.read_unlock(self.ticket);
+        crate::held::leave(self.ticket.held_slot);
     }
 }
 
@@ -149,13 +153,14 @@ impl<'a, F: Flavor> SendableReadGuard<'a, F> {
     /// Continues the section as a [`ReadGuard`] of the current thread.
     pub fn adopt(self) -> ReadGuard<'a, F> {
         let this = core::mem::ManuallyDrop::new(self);
-        ReadGuard::new(this.srcu, this.idx)
+        ReadGuard::new(this.srcu, this.srcu.inner.counters.ticket(this.idx))
     }
 }
 
 impl<F: Flavor> Drop for SendableReadGuard<'_, F> {
     fn drop(&mut self) {
-        self.srcu.read_unlock(self.idx);
+        let ticket = self.srcu.inner.counters.ticket(self.idx);
+        self.srcu.read_unlock(ticket);
     }
 }
 
@@ -169,6 +174,8 @@ impl<F: Flavor> core::fmt::Debug for SendableReadGuard<'_, F> {
 
 impl<F: Flavor> core::fmt::Debug for ReadGuard<'_, F> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("ReadGuard").field("idx", &self.idx).finish()
+        f.debug_struct("ReadGuard")
+            .field("idx", &self.index())
+            .finish()
     }
 }

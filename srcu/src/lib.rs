@@ -135,6 +135,18 @@ pub mod __private {
         let _ = n;
     }
 
+    /// The physical floor of the fast flavor's read section: runs `iters`
+    /// times the two bare per-CPU rseq increments that `read_lock` and the
+    /// guard's drop make (the current CPU's lock word, then its unlock
+    /// word), with exactly the crate's sequence, on a private counter array
+    /// allocated per call, and nothing around them (no index load, no
+    /// mode check, no section tracking, no guard). Without rseq (see
+    /// [`Srcu::counter_path`](crate::Srcu::counter_path)) it runs the
+    /// atomic fallback instead. For bench-report's `read_rseq_pair_floor_ns`.
+    pub fn rseq_pair_floor(iters: u64) {
+        crate::percpu::rseq_pair_floor(iters)
+    }
+
     /// True if both indices are balanced (no lost increment).
     pub fn balanced<F: Flavor>(srcu: &Srcu<F>) -> bool {
         srcu.readers() == 0

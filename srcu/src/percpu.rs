@@ -15,7 +15,75 @@
 //! | [`CounterPath::Atomic`] | atomic RMW on a hinted slot | atomic RMW on a hinted slot |
 //!
 //! So an rseq-written word is never written by an atomic RMW, and vice
-//! versa. The path is chosen once per domain, at creation.
+//! versa. The path is chosen once per domain, at creation, together with
+//! the flavor's barrier B, as one [`ReadMode`] byte.
+//!
+//! # The read fast path, instruction by instruction
+//!
+//! `read_lock` makes one test of the mode byte, then the counter update;
+//! everything else is out of line (`inc_lock_slow`, `inc_unlock_slow`).
+//! The rseq sequence leaves through an `asm goto` to the fallback, and
+//! `read_lock` hands the guard a [`ReadTicket`] with all that its drop
+//! needs, so the drop reloads nothing. Section tracking (`held.rs`, for
+//! the exact self-deadlock check) is one `fs`-relative increment on each
+//! side, to two different words.
+//!
+//! `drop(srcu.read_lock())` of a fast domain as the non-inlined function
+//! of `examples/fastpath_asm.rs` (x86_64, rustc 1.95, release), 40
+//! instructions run, 29 without the wrapper's prologue and epilogue (it
+//! was 55 and 48; the classic flavor's is 40 and 29, was 46 and 39):
+//!
+//! ```text
+//! push rbp / r15 / r14 / r12 / rbx   ; prologue of the wrapper
+//! mov   rbx,[rdi]                    ; inner = srcu.inner
+//! mov   rsi,[rbx+0x50]               ; idx = inner.idx (relaxed)
+//! and   esi,0x1                      ;       & 1
+//! mov   r14,[rbx+0x30]               ; rseq offset  } loaded once, kept
+//! mov   ebp,[rbx+0x38]               ; nr_cpus      } for the ticket
+//! cmp   byte [rbx+0x3d],0x0          ; THE mode test (RseqFenceless?)
+//! jne   slow_lock                    ;   -> inc_lock_slow, out of line
+//! lea   ecx,[rsi*8]                  ; words = &slots[0].lock[idx]
+//! add   rcx,[rbx+0x20]
+//! lea   rax,[rip+rseq_cs_1]          ; COUNTER UPDATE 1 (rseq):
+//! mov   fs:[r14+0x8],rax             ;   arm rseq_cs
+//! mov   eax,fs:[r14+0x4]             ;   cpu_id
+//! cmp   eax,ebp                      ;   < nr_cpus?
+//! jae   slow_lock                    ;   asm goto: no flag
+//! shl   rax,0x7                      ;   * 128
+//! add   qword [rcx+rax],0x1          ;   commit: this CPU's lock[idx]
+//! movzx r15d,byte [rbx+0x3c]         ; TRACKING: the domain's slot
+//! mov   r12,0xfffffffffffff7a0       ;   (TLS offset of the counts)
+//! inc   dword fs:[r12+r15*8]         ;   entered += 1
+//! test  cl,0x1                       ; ticket's path bit (a register)
+//! jne   slow_unlock                  ;   -> inc_unlock_slow
+//! lea   rax,[rip+rseq_cs_2]          ; COUNTER UPDATE 2 (rseq), with
+//! mov   fs:[r14+0x8],rax             ;   the ticket's offset, bound
+//! mov   eax,fs:[r14+0x4]             ;   and words
+//! cmp   eax,ebp
+//! jae   slow_unlock
+//! shl   rax,0x7
+//! add   qword [rcx+rax+0x10],0x1     ;   commit: this CPU's unlock[idx]
+//! inc   dword fs:[r12+r15*8+0x4]     ; TRACKING: left += 1
+//! pop   rbx / r12 / r14 / r15 / rbp; ret
+//! ```
+//!
+//! 14 of the 29 are the two counter updates, exactly the sequence
+//! `__private::rseq_pair_floor` runs (the floor); 4 are the tracking.
+//! Inlined into a loop the section is 25 instructions per iteration (the
+//! floor's loop: 15; before: 48). `fastpath_asm bench` times both in one
+//! process (minimum of repeated runs): on a 2-vCPU KVM guest (Xeon,
+//! 2.1 GHz) the section took 0.94-1.06x the floor of about 3.1 ns
+//! (before these changes 1.75-1.85x). On that shared machine there were
+//! also phases in which the fast section and classic took up to 1.6x
+//! longer while the floor (narrow and latency-bound) did not: the wider
+//! code suffers first when the core's resources are shared; compare
+//! minima.
+//!
+//! Valgrind implements no rseq, so under callgrind the counters take the
+//! atomic path: `drop(read_lock())` there costs 118 instructions (fast)
+//! and 115 (classic) per section, most of them `thread_hint` and its
+//! modulo in `atomic_slot` (callgrind, `fastpath_asm calls 100000`,
+//! inclusive cost of the wrapper per call; was 109 and 108).
 
 use crate::flavor::CounterPath;
 use crate::rseq::{self, RseqOffset};
@@ -38,43 +106,147 @@ pub(crate) struct Slot {
 const LOCK_OFFSET: usize = 0;
 const UNLOCK_OFFSET: usize = 2 * core::mem::size_of::<usize>();
 
+/// Everything the end of a read section needs, computed by `read_lock` and
+/// carried in its guard, so the guard's drop reloads nothing from the
+/// domain (the rseq asm is a compiler barrier: any field read before it
+/// would be loaded again after it). Copies of the domain's fields plus:
+///
+/// * `words`: the address of `slots[0].lock[idx]` (the kernel's
+///   `srcu_read_lock_fast` returns the same). CPU `c`'s lock word is at
+///   `+ c * 128`, its unlock word `UNLOCK_OFFSET` further, which the
+///   sequence folds into its `add`: no index arithmetic at unlock.
+/// * bit 0 of `words` (the words are 8-aligned) is set when the domain is
+///   on the atomic path, so the unlock picks the rseq add or the
+///   out-of-line atomic path by testing a register.
+///
+/// Made only in this module, from the counters it is later used with
+/// (the guard keeps the domain and its ticket together), by
+/// [`Counters::inc_lock`] (untagged only on its rseq paths, where the mode
+/// is rseq) and [`Counters::ticket`]. With bit 0 clear,
+/// `rseq` came from `detect` and `words` is only ever dereferenced by the
+/// rseq sequence, inside the domain's `slots` (which outlive every guard).
+#[derive(Clone, Copy)]
+pub(crate) struct ReadTicket {
+    words: *mut u64,
+    rseq: RseqOffset,
+    nr_cpus: u32,
+    /// The domain's slot in the per-thread section counts (`held.rs`).
+    pub(crate) held_slot: u8,
+}
+
+// SAFETY: a `ReadTicket` is an address and copies of plain fields; it gives
+// no access by itself: `words` is only dereferenced through
+// `rseq::percpu_inc`, whose contract the caller upholds on whichever thread
+// it runs. (Whether a guard may move is the guard's business: `ReadGuard`
+// is `!Send` through its own marker.)
+unsafe impl Send for ReadTicket {}
+// SAFETY: as above; `&ReadTicket` only copies the fields.
+unsafe impl Sync for ReadTicket {}
+
+impl ReadTicket {
+    const ATOMIC_TAG: usize = 1;
+
+    /// True if the domain's counters are on the rseq path.
+    #[inline(always)]
+    fn is_rseq(self) -> bool {
+        self.words.addr() & Self::ATOMIC_TAG == 0
+    }
+}
+
+// The sequence's displacements are the fields' offsets.
+#[cfg(not(loom))]
+const _: () = assert!(
+    core::mem::offset_of!(Slot, lock) == LOCK_OFFSET
+        && core::mem::offset_of!(Slot, unlock) == UNLOCK_OFFSET
+);
+
 // The rseq sequence computes `base + cpu << 7`.
 #[cfg(all(target_arch = "x86_64", not(loom)))]
 const _: () = assert!(core::mem::size_of::<CachePadded<Slot>>() == 128);
 
+/// How a domain's readers update the counters: whether the rseq path is
+/// usable and whether barrier B is a fence, decided once at creation and
+/// kept in one byte, so that each read-side hot path is one
+/// compare-and-branch on it followed by the counter update.
+///
+/// Bit 0: B is a fence (classic, or fast without membarrier). Bit 1: the
+/// atomic path (no rseq).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ReadMode {
+    /// Fast flavor with membarrier: both counters by rseq adds, no fence.
+    RseqFenceless = 0,
+    /// Lock word by a `lock add` on the current CPU's slot (it is barrier
+    /// B), unlock word by an rseq add.
+    RseqFenced = 1,
+    /// Atomic RMWs; B is a compiler barrier (membarrier is its partner).
+    AtomicFenceless = 2,
+    /// Atomic RMWs; B is a full barrier.
+    AtomicFenced = 3,
+}
+
+impl ReadMode {
+    const ATOMIC: u8 = 2;
+
+    #[inline(always)]
+    fn is_rseq(self) -> bool {
+        self as u8 & Self::ATOMIC == 0
+    }
+}
+
 /// All counters of one domain.
 pub(crate) struct Counters {
-    slots: Box<[CachePadded<Slot>]>,
+    /// Read by every `read_lock`.
+    mode: ReadMode,
     nr_cpus: u32,
-    path: CounterPath,
-    rseq: Option<RseqOffset>,
+    /// Meaningful only when `mode.is_rseq()` (then it came from `detect`).
+    rseq: RseqOffset,
+    /// The domain's slot in `held.rs`, handed to each guard in its ticket
+    /// (fixed while the handle lives; see `Inner::held_slot`).
+    held_slot: u8,
+    slots: Box<[CachePadded<Slot>]>,
 }
 
 impl Counters {
-    pub(crate) fn new(force_atomic: bool) -> Self {
-        Self::with_cpus(possible_cpus(), force_atomic)
+    /// `fenceless`: readers execute no barrier B (fast flavor whose process
+    /// registered with membarrier). `held_slot`: the domain's tracking
+    /// slot (`held.rs`).
+    pub(crate) fn new(force_atomic: bool, fenceless: bool, held_slot: u8) -> Self {
+        Self::with_cpus(possible_cpus(), force_atomic, fenceless, held_slot)
     }
 
-    pub(crate) fn with_cpus(nr_cpus: usize, force_atomic: bool) -> Self {
+    pub(crate) fn with_cpus(
+        nr_cpus: usize,
+        force_atomic: bool,
+        fenceless: bool,
+        held_slot: u8,
+    ) -> Self {
         let nr_cpus = nr_cpus.clamp(1, u32::MAX as usize / 2);
         let rseq = if force_atomic { None } else { rseq::detect() };
         let slots = (0..nr_cpus + NR_SHARED)
             .map(|_| CachePadded::new(Slot::default()))
             .collect();
+        let mode = match (rseq.is_some(), fenceless) {
+            (true, true) => ReadMode::RseqFenceless,
+            (true, false) => ReadMode::RseqFenced,
+            (false, true) => ReadMode::AtomicFenceless,
+            (false, false) => ReadMode::AtomicFenced,
+        };
         Counters {
-            slots,
+            mode,
             nr_cpus: nr_cpus as u32,
-            path: if rseq.is_some() {
-                CounterPath::Rseq
-            } else {
-                CounterPath::Atomic
-            },
-            rseq,
+            rseq: rseq.unwrap_or(RseqOffset(0)),
+            held_slot,
+            slots,
         }
     }
 
     pub(crate) fn path(&self) -> CounterPath {
-        self.path
+        if self.mode.is_rseq() {
+            CounterPath::Rseq
+        } else {
+            CounterPath::Atomic
+        }
     }
 
     /// Presets every counter (wrap-around tests).
@@ -93,11 +265,58 @@ impl Counters {
         (self.slots.as_ptr() as *mut u8).wrapping_add(offset) as *mut u64
     }
 
+    /// The untagged counter words of index `idx`.
+    #[inline(always)]
+    fn words(&self, idx: usize) -> *mut u64 {
+        debug_assert!(idx < 2);
+        self.field_base(LOCK_OFFSET + idx * core::mem::size_of::<AtomicUsize>())
+    }
+
+    /// The counter words of index `idx`, tagged with the path (see
+    /// [`ReadTicket`]).
+    #[inline]
+    fn tagged_words(&self, idx: usize) -> *mut u64 {
+        let words = self.words(idx);
+        if self.mode.is_rseq() {
+            words
+        } else {
+            // Bit 0 of the (8-aligned) words is clear: this sets it.
+            words.wrapping_byte_add(ReadTicket::ATOMIC_TAG)
+        }
+    }
+
+    /// The ticket of a section of index `idx` (for a section that changes
+    /// threads: [`crate::SendableReadGuard`]).
+    #[inline]
+    pub(crate) fn ticket(&self, idx: usize) -> ReadTicket {
+        ReadTicket {
+            words: self.tagged_words(idx),
+            rseq: self.rseq,
+            nr_cpus: self.nr_cpus,
+            held_slot: self.held_slot,
+        }
+    }
+
+    /// The index of a section (the inverse of [`Counters::ticket`]).
+    #[inline]
+    pub(crate) fn ticket_idx(&self, t: ReadTicket) -> usize {
+        self.words_idx(t.words)
+    }
+
+    /// The index of (possibly tagged) counter words.
+    #[inline]
+    fn words_idx(&self, words: *mut u64) -> usize {
+        let off = words.addr().wrapping_sub(self.slots.as_ptr().addr());
+        // The tag (bit 0) is below the division; `& 1` also tells the
+        // compiler the index is in bounds.
+        ((off - LOCK_OFFSET) / core::mem::size_of::<AtomicUsize>()) & 1
+    }
+
     /// A slot for an atomic RMW: the current CPU's if known, else a
     /// per-thread hash. Any slot is correct; this only spreads contention.
     #[inline]
     fn atomic_slot(&self) -> &Slot {
-        if self.rseq.is_some() {
+        if self.mode.is_rseq() {
             // Threads whose rseq area works never reach here for
             // rseq-written words; the others use the shared slots.
             return &self.slots[self.nr_cpus as usize + thread_hint() % NR_SHARED.max(1)];
@@ -106,50 +325,108 @@ impl Counters {
         &self.slots[thread_hint() % n]
     }
 
-    /// `read_lock`'s increment followed by barrier B (classic), or with B
-    /// as a compiler barrier only (`fast`, whose partner is membarrier).
+    /// `read_lock`'s increment followed by barrier B: a full barrier
+    /// (classic; `fast_flavor` is the compile-time `F::FAST`), or a
+    /// compiler barrier only (fast flavor in [`ReadMode::RseqFenceless`],
+    /// whose partner is membarrier).
     ///
-    /// The inlined fast path covers the rseq path; everything else is in
-    /// the out-of-line [`Counters::inc_lock_slow`].
+    /// Inlined: one test of `mode`, then the flavor's counter update on the
+    /// rseq path. Everything else (the atomic path, a CPU beyond the
+    /// per-CPU slots, a fast domain without membarrier) is the out-of-line
+    /// [`Counters::inc_lock_slow`]. Returns the section's ticket.
     #[inline(always)]
-    pub(crate) fn inc_lock(&self, idx: usize, fast: bool) {
-        debug_assert!(idx < 2);
-        if let Some(rseq) = self.rseq {
-            if fast || cfg!(srcu_teeth = "b") {
-                let base = self.field_base(LOCK_OFFSET + idx * core::mem::size_of::<usize>());
-                // SAFETY: `rseq` came from `detect`; `base + c * 128` for
-                // `c < nr_cpus` is `slots[c].lock[idx]`, written only by
-                // this sequence on the rseq path (table above).
-                if unsafe { rseq::percpu_inc(rseq, base, self.nr_cpus) } {
-                    return;
+    pub(crate) fn inc_lock(&self, idx: usize, fast_flavor: bool) -> ReadTicket {
+        // Loaded once, before the asm (a compiler barrier), and kept in
+        // registers for the ticket.
+        let (rseq, nr_cpus) = (self.rseq, self.nr_cpus);
+        let words = 'words: {
+            // Untagged: these are the rseq paths.
+            let words = self.words(idx);
+            if fast_flavor {
+                if self.mode == ReadMode::RseqFenceless {
+                    // SAFETY: the mode is rseq only if `rseq` came from
+                    // `detect`; `words + c * 128` for `c < nr_cpus` is
+                    // `slots[c].lock[idx]`, written only by this sequence
+                    // in this mode (table above).
+                    if unsafe { rseq::percpu_inc::<LOCK_OFFSET>(rseq, words, nr_cpus) } {
+                        break 'words words;
+                    }
                 }
-            } else {
-                // Classic: a locked add on this CPU's slot (atomic, so a
-                // migration in between is harmless); it is barrier B.
-                let cpu = rseq::cpu_id(rseq);
-                if cpu < self.nr_cpus {
-                    // SAFETY: `cpu < nr_cpus <= slots.len()`.
-                    let slot = unsafe { self.slots.get_unchecked(cpu as usize) };
-                    Self::atomic_inc_lock_full(slot, idx);
-                    return;
+            } else if self.mode == ReadMode::RseqFenced {
+                if cfg!(srcu_teeth = "b") {
+                    // Teeth: B removed, the lock word by the (fenceless)
+                    // rseq add. Only the teeth builds write it this way.
+                    // SAFETY: as above; in this build the per-CPU lock
+                    // words are written only by this sequence.
+                    if unsafe { rseq::percpu_inc::<LOCK_OFFSET>(rseq, words, nr_cpus) } {
+                        break 'words words;
+                    }
+                } else {
+                    // Classic: a locked add on this CPU's slot (atomic, so
+                    // a migration in between is harmless); it is barrier B.
+                    let cpu = rseq::cpu_id(rseq);
+                    if cpu < nr_cpus {
+                        // `words + cpu * 128` is `slots[cpu].lock[idx]`.
+                        #[cfg(all(target_arch = "x86_64", not(loom)))]
+                        // SAFETY: `cpu < nr_cpus <= slots.len()`, so the
+                        // address is that of a live `AtomicUsize`.
+                        unsafe {
+                            rseq::locked_inc(words.wrapping_byte_add((cpu as usize) << 7))
+                        };
+                        #[cfg(not(all(target_arch = "x86_64", not(loom))))]
+                        {
+                            // SAFETY: `cpu < nr_cpus <= slots.len()`.
+                            let slot = unsafe { self.slots.get_unchecked(cpu as usize) };
+                            Self::atomic_inc_lock_full(slot, idx);
+                        }
+                        break 'words words;
+                    }
                 }
             }
+            // Tagged with the path (see `ReadTicket`).
+            self.inc_lock_slow(idx)
+        };
+        ReadTicket {
+            words,
+            rseq,
+            nr_cpus,
+            held_slot: self.held_slot,
         }
-        self.inc_lock_slow(idx, fast);
     }
 
-    /// Atomic path, or a CPU number beyond the per-CPU slots.
+    /// Everything but the inlined paths of [`Counters::inc_lock`]: the
+    /// atomic path, a CPU number beyond the per-CPU slots, and a fast
+    /// domain in [`ReadMode::RseqFenced`] (no membarrier). Returns the
+    /// section's counter words, tagged with the path (see [`ReadTicket`]).
     #[cold]
     #[inline(never)]
-    fn inc_lock_slow(&self, idx: usize, fast: bool) {
-        let slot = self.atomic_slot();
-        if fast {
-            // B: compiler barrier only; the grace period's membarrier is
-            // its partner.
-            slot.lock[idx].fetch_add(1, Relaxed);
-            core::sync::atomic::compiler_fence(SeqCst);
-        } else {
+    fn inc_lock_slow(&self, idx: usize) -> *mut u64 {
+        let words = self.words(idx);
+        if self.mode == ReadMode::AtomicFenced {
+            Self::atomic_inc_lock_full(self.atomic_slot(), idx);
+            return words.wrapping_byte_add(ReadTicket::ATOMIC_TAG);
+        }
+        if self.mode == ReadMode::RseqFenced {
+            // A fast domain without membarrier arrives here directly; a
+            // classic one only with a CPU beyond the slots.
+            let cpu = rseq::cpu_id(self.rseq);
+            let slot = if cpu < self.nr_cpus {
+                // SAFETY: `cpu < nr_cpus <= slots.len()`.
+                unsafe { self.slots.get_unchecked(cpu as usize) }
+            } else {
+                self.atomic_slot()
+            };
             Self::atomic_inc_lock_full(slot, idx);
+            return words;
+        }
+        // Fenceless: B is a compiler barrier only; the grace period's
+        // membarrier is its partner.
+        self.atomic_slot().lock[idx].fetch_add(1, Relaxed);
+        core::sync::atomic::compiler_fence(SeqCst);
+        if self.mode == ReadMode::AtomicFenceless {
+            words.wrapping_byte_add(ReadTicket::ATOMIC_TAG)
+        } else {
+            words // RseqFenceless, on a CPU beyond the slots
         }
     }
 
@@ -174,27 +451,34 @@ impl Counters {
         }
     }
 
-    /// `read_unlock`'s barrier C and increment.
+    /// `read_unlock`'s barrier C and increment: one test of the path bit
+    /// of the section's ticket (a register, no reload of the mode), then
+    /// the rseq add on its unlock word, with the offset and bound the
+    /// ticket carries; the atomic path is out of line.
     #[inline(always)]
-    pub(crate) fn inc_unlock(&self, idx: usize) {
-        debug_assert!(idx < 2);
-        if let Some(rseq) = self.rseq {
-            let base = self.field_base(UNLOCK_OFFSET + idx * core::mem::size_of::<usize>());
+    pub(crate) fn inc_unlock(&self, t: ReadTicket) {
+        if t.is_rseq() {
             // C: the asm is a compiler barrier and x86_64 stores are
             // releases (classic); in the fast flavor membarrier in A/D is
             // the partner.
-            // SAFETY: as in `inc_lock`; `unlock[idx]` words of per-CPU
-            // slots are written only by this sequence on the rseq path.
-            if unsafe { rseq::percpu_inc(rseq, base, self.nr_cpus) } {
+            // SAFETY: `t` was made from these counters (the guard keeps
+            // them together) and its path bit is clear, so the mode is
+            // rseq and `t.rseq` came from `detect`; `t.words + c * 128 +
+            // UNLOCK_OFFSET` for `c < t.nr_cpus` is `slots[c].unlock[idx]`,
+            // and those words of per-CPU slots are written only by this
+            // sequence on the rseq path (table above).
+            if unsafe { rseq::percpu_inc::<UNLOCK_OFFSET>(t.rseq, t.words, t.nr_cpus) } {
                 return;
             }
         }
-        self.inc_unlock_slow(idx);
+        // Only the words: the whole ticket would be passed through memory.
+        self.inc_unlock_slow(t.words);
     }
 
     #[cold]
     #[inline(never)]
-    fn inc_unlock_slow(&self, idx: usize) {
+    fn inc_unlock_slow(&self, words: *mut u64) {
+        let idx = self.words_idx(words);
         // C: release, paired with the acquire that fence A gives the
         // updater's relaxed sum (see barriers.rs).
         let order = if cfg!(srcu_teeth = "c") {
@@ -222,8 +506,8 @@ impl Counters {
     }
 
     /// A hint only: the same sums without barrier A. "Not drained" means
-    /// "poll again later"; "drained" must be confirmed by [`drained`]
-    /// (`Counters::drained`) before anything relies on it. Relaxed loads
+    /// "poll again later"; "drained" must be confirmed by
+    /// [`drained`](Counters::drained) before anything relies on it. Relaxed loads
     /// of the same words eventually see the latest increments (coherence),
     /// so a drained index is eventually peeked as drained. Under loom it
     /// always says "drained", so the models check every real scan.
@@ -305,6 +589,37 @@ pub(crate) fn possible_cpus() -> usize {
             n as usize
         } else {
             std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+    }
+}
+
+/// `iters` times the two bare per-CPU increments of a fast read section
+/// (`lock[0]` then `unlock[0]` of the current CPU's slot, with exactly the
+/// sequence [`Counters::inc_lock`] and [`Counters::inc_unlock`] use) on a
+/// private array, and nothing around them: the floor that the fast
+/// flavor's `read_lock` + drop is measured against. Without rseq (or on a
+/// CPU beyond the slots) it takes the atomic fallback, as srcu does.
+#[inline(never)]
+pub(crate) fn rseq_pair_floor(iters: u64) {
+    let c = Counters::new(false, true, crate::held::UNTRACKED);
+    if !c.mode.is_rseq() {
+        for _ in 0..iters {
+            c.slots[0].lock[0].fetch_add(1, Relaxed);
+            c.slots[0].unlock[0].fetch_add(1, Relaxed);
+        }
+        return;
+    }
+    let (rseq, nr_cpus, words) = (c.rseq, c.nr_cpus, c.words(0));
+    for _ in 0..iters {
+        // SAFETY: as in `Counters::inc_lock` (`c` is in rseq mode, so
+        // `c.rseq` came from `detect`); the fallback writes only a shared
+        // slot.
+        if !unsafe { rseq::percpu_inc::<LOCK_OFFSET>(rseq, words, nr_cpus) } {
+            c.slots[nr_cpus as usize].lock[0].fetch_add(1, Relaxed);
+        }
+        // SAFETY: as above, for the `unlock[0]` words.
+        if !unsafe { rseq::percpu_inc::<UNLOCK_OFFSET>(rseq, words, nr_cpus) } {
+            c.slots[nr_cpus as usize].unlock[0].fetch_add(1, Relaxed);
         }
     }
 }

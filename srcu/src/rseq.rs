@@ -108,25 +108,37 @@ pub(crate) fn cpu_id(_rseq: RseqOffset) -> u32 {
     u32::MAX
 }
 
-/// Adds 1 to the `u64` at `base + cpu * 128`, where `cpu` is the CPU the
-/// thread runs on at commit time, as a restartable sequence. Returns
-/// `false`, having written nothing, if `cpu >= nr_cpus`.
+/// Adds 1 to the `u64` at `base + cpu * 128 + DISP`, where `cpu` is the CPU
+/// the thread runs on at commit time, as a restartable sequence. Returns
+/// `false`, having written nothing, if `cpu >= nr_cpus`. (`DISP` is folded
+/// into the `add`'s address, so a read section passes the same `base` to
+/// its lock and its unlock increment.)
+///
+/// The out-of-range exit is an `asm goto` (a `label` operand): the `jae`
+/// inside the sequence jumps straight to the caller's fallback, so the
+/// caller's `if !percpu_inc(..) { slow() }` compiles to that one branch
+/// and no flag is materialised or tested.
 ///
 /// # Safety
 ///
 /// * `rseq` must come from [`detect`] (the thread's rseq area is registered).
-/// * `base + c * 128` must be valid for writes of a `u64` for every
+/// * `base + c * 128 + DISP` must be valid for writes of a `u64` for every
 ///   `c < nr_cpus`, and no code may write those words other than through
 ///   this function (or while no thread can run it).
 #[cfg(all(target_os = "linux", target_arch = "x86_64", not(loom)))]
 #[inline(always)]
-pub(crate) unsafe fn percpu_inc(rseq: RseqOffset, base: *mut u64, nr_cpus: u32) -> bool {
-    let ok: u32;
+pub(crate) unsafe fn percpu_inc<const DISP: usize>(
+    rseq: RseqOffset,
+    base: *mut u64,
+    nr_cpus: u32,
+) -> bool {
     // Labels: 2 retry (re-arm rseq_cs, the kernel clears it on abort),
-    // 3 descriptor, 4 start_ip, 5 post-commit, 6 abort_ip, 7 out of range,
-    // 8 done. The descriptor is `struct rseq_cs { u32 version; u32 flags;
-    // u64 start_ip; u64 post_commit_offset; u64 abort_ip; }`, 32-byte
-    // aligned.
+    // 3 descriptor, 4 start_ip, 5 post-commit, 6 abort_ip; `{oob}` is the
+    // caller's out-of-range exit. The descriptor is `struct rseq_cs { u32
+    // version; u32 flags; u64 start_ip; u64 post_commit_offset; u64
+    // abort_ip; }`, 32-byte aligned. Jumping out of the critical section
+    // early (to `{oob}`) is allowed: the kernel ignores a descriptor whose
+    // range does not contain the interrupted instruction pointer.
     #[cfg(not(srcu_teeth = "rseq_restart"))]
     macro_rules! arm {
         () => {
@@ -150,64 +162,76 @@ pub(crate) unsafe fn percpu_inc(rseq: RseqOffset, base: *mut u64, nr_cpus: u32) 
     #[cfg(not(any(srcu_teeth = "rseq_restart", srcu_teeth = "rseq_wide")))]
     macro_rules! commit {
         () => {
-            "add qword ptr [{base} + rax], 1"
+            "add qword ptr [{base} + rax + {disp}], 1"
         };
     }
     #[cfg(any(srcu_teeth = "rseq_restart", srcu_teeth = "rseq_wide"))]
     macro_rules! commit {
         () => {
-            "lea rcx, [{base} + rax]\n mov rdx, qword ptr [rcx]\n mov eax, 64\n 9: pause\n dec eax\n jnz 9b\n add rdx, 1\n mov qword ptr [rcx], rdx"
+            "lea rcx, [{base} + rax + {disp}]\n mov rdx, qword ptr [rcx]\n mov eax, 64\n 9: pause\n dec eax\n jnz 9b\n add rdx, 1\n mov qword ptr [rcx], rdx"
+        };
+    }
+    // The widened teeth commit needs two more scratch registers; the
+    // normal build clobbers only `rax`.
+    macro_rules! sequence {
+        ($($scratch:tt)*) => {
+            core::arch::asm!(
+                ".pushsection __rseq_cs, \"aw\"",
+                ".balign 32",
+                "3:",
+                ".long 0, 0",
+                ".quad 4f, (5f - 4f), 6f",
+                ".popsection",
+                "2:",
+                arm!(),
+                "4:",
+                "mov eax, dword ptr fs:[{off} + 4]",
+                "cmp eax, {nr:e}",
+                "jae {oob}",
+                "shl rax, 7",
+                commit!(),
+                "5:",
+                ".pushsection __rseq_failure, \"ax\"",
+                ".byte 0x0f, 0xb9, 0x3d",
+                ".long 0x53053053",
+                "6:",
+                "jmp 2b",
+                ".popsection",
+                off = in(reg) rseq.0,
+                base = in(reg) base,
+                nr = in(reg) nr_cpus,
+                disp = const DISP,
+                oob = label {
+                    return false;
+                },
+                out("rax") _,
+                $($scratch)*
+                options(nostack),
+            )
         };
     }
     // SAFETY: see the module docs and this function's contract. The asm
     // writes only `rseq_cs` of this thread's rseq area and the counter word;
     // it is a compiler barrier (no `nomem`), which is all barriers B and C
     // need in the fast flavor and all C needs on x86_64 (TSO makes the
-    // store a release).
+    // store a release). The `{oob}` exit is taken before anything but
+    // `rseq_cs` is written.
     unsafe {
-        core::arch::asm!(
-            ".pushsection __rseq_cs, \"aw\"",
-            ".balign 32",
-            "3:",
-            ".long 0, 0",
-            ".quad 4f, (5f - 4f), 6f",
-            ".popsection",
-            "2:",
-            arm!(),
-            "4:",
-            "mov eax, dword ptr fs:[{off} + 4]",
-            "cmp eax, {nr:e}",
-            "jae 7f",
-            "shl rax, 7",
-            commit!(),
-            "5:",
-            "mov {ok:e}, 1",
-            "jmp 8f",
-            ".pushsection __rseq_failure, \"ax\"",
-            ".byte 0x0f, 0xb9, 0x3d",
-            ".long 0x53053053",
-            "6:",
-            "jmp 2b",
-            ".popsection",
-            "7:",
-            "xor {ok:e}, {ok:e}",
-            "8:",
-            off = in(reg) rseq.0,
-            base = in(reg) base,
-            nr = in(reg) nr_cpus,
-            ok = out(reg) ok,
-            out("rax") _,
-            out("rcx") _,
-            out("rdx") _,
-            options(nostack),
-        );
+        #[cfg(not(any(srcu_teeth = "rseq_restart", srcu_teeth = "rseq_wide")))]
+        sequence!();
+        #[cfg(any(srcu_teeth = "rseq_restart", srcu_teeth = "rseq_wide"))]
+        sequence!(out("rcx") _, out("rdx") _,);
     }
-    ok != 0
+    true
 }
 
 #[cfg(not(all(target_os = "linux", target_arch = "x86_64", not(loom))))]
 #[inline(always)]
-pub(crate) unsafe fn percpu_inc(_rseq: RseqOffset, _base: *mut u64, _nr_cpus: u32) -> bool {
+pub(crate) unsafe fn percpu_inc<const DISP: usize>(
+    _rseq: RseqOffset,
+    _base: *mut u64,
+    _nr_cpus: u32,
+) -> bool {
     false
 }
 

@@ -1,5 +1,5 @@
-//! The one place where the crate picks its synchronisation primitives: `std`
-//! and `parking_lot` in normal builds, `loom`'s models under `--cfg loom`.
+//! The one place where the crate picks its synchronisation primitives:
+//! `std`'s in normal builds, `loom`'s models under `--cfg loom`.
 //!
 //! Everything else in the crate imports from here, so the loom model tests
 //! check the very code that ships.
@@ -13,65 +13,88 @@ pub(crate) use std::sync::atomic::{fence, AtomicU64, AtomicUsize};
 #[cfg(not(loom))]
 pub(crate) use std::sync::Arc;
 
-/// A mutex with the `parking_lot` calling convention (no poisoning).
-#[cfg(not(loom))]
-pub(crate) type Mutex<T> = parking_lot::Mutex<T>;
-#[cfg(not(loom))]
-pub(crate) type MutexGuard<'a, T> = parking_lot::MutexGuard<'a, T>;
-#[cfg(not(loom))]
-pub(crate) type Condvar = parking_lot::Condvar;
-
+/// The standard library's mutex and condition variable in normal builds
+/// (futex-based: no global table of parked threads, so a `fork`ed child
+/// inherits nothing but the lock words, which `fork.rs` releases), loom's
+/// under `--cfg loom`.
 #[cfg(loom)]
-pub(crate) use loom_shim::{Condvar, Mutex, MutexGuard};
+use loom::sync as backend;
+#[cfg(not(loom))]
+use std::sync as backend;
 
-/// Thin wrappers that give loom's poisoning `Mutex`/`Condvar` the
-/// `parking_lot` signatures the crate is written against.
-#[cfg(loom)]
-mod loom_shim {
-    pub(crate) struct Mutex<T>(loom::sync::Mutex<T>);
-    pub(crate) type MutexGuard<'a, T> = loom::sync::MutexGuard<'a, T>;
-    impl<T> Mutex<T> {
-        pub(crate) fn new(v: T) -> Self {
-            Self(loom::sync::Mutex::new(v))
-        }
-        pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
-            self.0.lock().unwrap_or_else(|e| e.into_inner())
-        }
+/// A mutex without poisoning: a panic while it was held (a stall hook, a
+/// callback) leaves the protected state consistent, because the crate
+/// restores it on unwind where needed.
+pub(crate) struct Mutex<T>(backend::Mutex<T>);
+pub(crate) type MutexGuard<'a, T> = backend::MutexGuard<'a, T>;
+
+impl<T> Mutex<T> {
+    pub(crate) fn new(v: T) -> Self {
+        Self(backend::Mutex::new(v))
     }
-    pub(crate) struct Condvar(loom::sync::Condvar);
-    impl Condvar {
-        pub(crate) fn new() -> Self {
-            Self(loom::sync::Condvar::new())
-        }
-        pub(crate) fn wait<T>(&self, g: &mut MutexGuard<'_, T>) {
-            // loom's Condvar consumes the guard; swap it through a raw read.
-            // SAFETY: `g` is a valid guard; we move it out and write the
-            // returned guard back before anyone can observe the hole, and
-            // `wait` does not unwind in loom models.
-            unsafe {
-                let taken = core::ptr::read(g);
-                let back = self.0.wait(taken).unwrap_or_else(|e| e.into_inner());
-                core::ptr::write(g, back);
-            }
-        }
-        #[allow(dead_code)]
-        pub(crate) fn notify_all(&self) -> bool {
-            self.0.notify_all();
-            true
-        }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
-/// Runs `f` with the mutex of `guard` released, then relocks it.
-#[cfg(not(loom))]
-pub(crate) fn unlocked<T, R>(guard: &mut MutexGuard<'_, T>, f: impl FnOnce() -> R) -> R {
-    parking_lot::MutexGuard::unlocked(guard, f)
+/// Aborts the process if dropped: armed around code that must not unwind
+/// (a guard moved out of a `&mut` that has to be written back).
+struct AbortOnUnwind;
+
+impl Drop for AbortOnUnwind {
+    fn drop(&mut self) {
+        // Only reached if the code between creation and `forget` unwound.
+        std::process::abort();
+    }
 }
 
-/// Loom: the update lock is never released early in the models.
-#[cfg(loom)]
-pub(crate) fn unlocked<T, R>(_guard: &mut MutexGuard<'_, T>, f: impl FnOnce() -> R) -> R {
-    f()
+/// Replaces the guard behind `g` by `f(guard)`.
+fn with_guard<'a, T>(
+    g: &mut MutexGuard<'a, T>,
+    f: impl FnOnce(MutexGuard<'a, T>) -> MutexGuard<'a, T>,
+) {
+    let bomb = AbortOnUnwind;
+    // SAFETY: the guard is moved out and a guard of the same mutex written
+    // back before anyone can observe the hole; if `f` unwound in between,
+    // `bomb` aborts the process instead of letting the hole be dropped. The
+    // `f`s below only wait on a condition variable, which does not unwind.
+    unsafe {
+        let taken = core::ptr::read(g);
+        core::ptr::write(g, f(taken));
+    }
+    core::mem::forget(bomb);
+}
+
+/// A condition variable with the `parking_lot` calling convention
+/// (`wait(&mut guard)`).
+pub(crate) struct Condvar(backend::Condvar);
+
+impl Condvar {
+    pub(crate) fn new() -> Self {
+        Self(backend::Condvar::new())
+    }
+
+    pub(crate) fn wait<T>(&self, g: &mut MutexGuard<'_, T>) {
+        with_guard(g, |taken| {
+            self.0.wait(taken).unwrap_or_else(|e| e.into_inner())
+        });
+    }
+
+    /// Waits at most `timeout`.
+    #[cfg(not(loom))]
+    pub(crate) fn wait_for<T>(&self, g: &mut MutexGuard<'_, T>, timeout: std::time::Duration) {
+        with_guard(g, |taken| {
+            self.0
+                .wait_timeout(taken, timeout)
+                .unwrap_or_else(|e| e.into_inner())
+                .0
+        });
+    }
+
+    pub(crate) fn notify_all(&self) {
+        self.0.notify_all();
+    }
 }
 
 /// Gives the CPU away while waiting for another thread.

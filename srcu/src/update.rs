@@ -26,7 +26,9 @@ pub struct UpdateLock<T = ()> {
 #[must_use = "the lock is released when the guard is dropped"]
 pub struct UpdateGuard<'a, T = ()> {
     id: usize,
-    guard: crate::sync::MutexGuard<'a, T>,
+    lock: &'a UpdateLock<T>,
+    /// `None` only inside [`UpdateGuard::unlocked`].
+    guard: Option<crate::sync::MutexGuard<'a, T>>,
 }
 
 fn next_id() -> usize {
@@ -49,7 +51,8 @@ impl<T> UpdateLock<T> {
     pub fn lock(&self) -> UpdateGuard<'_, T> {
         UpdateGuard {
             id: self.id,
-            guard: self.mutex.lock(),
+            lock: self,
+            guard: Some(self.mutex.lock()),
         }
     }
 
@@ -69,8 +72,8 @@ impl<T> UpdateGuard<'_, T> {
         self.id
     }
 
-    /// Releases the lock while `f` runs, then takes it again (parking_lot's
-    /// `MutexGuard::unlocked`). Other updaters may run meanwhile, so
+    /// Releases the lock while `f` runs, then takes it again (also if `f`
+    /// panics), like parking_lot's `MutexGuard::unlocked`. Other updaters may run meanwhile, so
     /// anything read under the lock before must be read again after.
     ///
     /// This is sound with respect to the proof the guard carries: the call
@@ -90,20 +93,39 @@ impl<T> UpdateGuard<'_, T> {
     /// assert_eq!(*old, 1);
     /// ```
     pub fn unlocked<R>(&mut self, f: impl FnOnce() -> R) -> R {
-        crate::sync::unlocked(&mut self.guard, f)
+        /// Takes the lock again when `f` returns or unwinds.
+        struct Relock<'g, 'a, T> {
+            slot: &'g mut Option<crate::sync::MutexGuard<'a, T>>,
+            mutex: &'a crate::sync::Mutex<T>,
+        }
+        impl<T> Drop for Relock<'_, '_, T> {
+            fn drop(&mut self) {
+                *self.slot = Some(self.mutex.lock());
+            }
+        }
+        self.guard = None; // unlocks
+        let _relock = Relock {
+            slot: &mut self.guard,
+            mutex: &self.lock.mutex,
+        };
+        f()
     }
 }
 
 impl<T> Deref for UpdateGuard<'_, T> {
     type Target = T;
     fn deref(&self) -> &T {
-        &self.guard
+        self.guard
+            .as_ref()
+            .expect("an UpdateGuard is locked outside `unlocked`")
     }
 }
 
 impl<T> DerefMut for UpdateGuard<'_, T> {
     fn deref_mut(&mut self) -> &mut T {
-        &mut self.guard
+        self.guard
+            .as_mut()
+            .expect("an UpdateGuard is locked outside `unlocked`")
     }
 }
 
