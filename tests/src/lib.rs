@@ -5,13 +5,17 @@
 pub mod vm {
     //! KVM gating, recording devices and vCPU thread helpers.
 
+    use std::io::Write;
     use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
     use std::sync::Arc;
+    use std::time::{Duration, Instant};
 
     use kvm_bus::kvm::{run_vcpu, MiniVm, StatsSnapshot, VcpuStats, VmExit};
-    use kvm_bus::{Access, Buses, Declined, Flavor, IoDevice, WriteResult};
+    use kvm_bus::{Access, Buses, Declined, Flavor, IoDevice, MutIoDevice, WriteResult};
     use kvm_ioctls::VcpuFd;
     use parking_lot::Mutex;
+    use vm_superio::serial::NoEvents;
+    use vmm_sys_util::eventfd::EventFd;
 
     /// Proof that KVM is usable (returned by [`kvm_or_skip`]). It also
     /// holds a process-wide lock: VM tests of one test binary run one at a
@@ -212,22 +216,30 @@ pub mod vm {
     }
 
     /// Runs one vCPU to `hlt` on the current thread and returns its stats.
+    /// Handlers see `Access::vcpu == Some(0)`.
     pub fn run_single<F: Flavor>(vm: &mut MiniVm, buses: &Buses<F>) -> StatsSnapshot {
         let mut vcpu = vm.take_vcpus().remove(0);
-        let stats = VcpuStats::new();
+        let stats = VcpuStats::for_vcpu(0);
         run_to_halt(&mut vcpu, buses, &stats);
         stats.snapshot()
     }
 
     /// Runs every vCPU on its own thread (scoped) until it halts, while
     /// `vmm` runs on the calling thread with the per-vCPU stats. Returns
-    /// the final stats and `vmm`'s result.
+    /// the final stats and `vmm`'s result. vCPU `i`'s stats are
+    /// `VcpuStats::for_vcpu(i)`, so its handlers see `Access::vcpu ==
+    /// Some(i)`.
+    ///
+    /// If `vmm` panics, the process aborts (after printing the panic): the
+    /// vCPUs may spin in the guest forever waiting for a VMM that is gone.
     pub fn run_all<F: Flavor, R>(
         vcpus: Vec<VcpuFd>,
         buses: &Buses<F>,
         vmm: impl FnOnce(&[Arc<VcpuStats>]) -> R,
     ) -> (Vec<StatsSnapshot>, R) {
-        let stats: Vec<Arc<VcpuStats>> = vcpus.iter().map(|_| Arc::default()).collect();
+        let stats: Vec<Arc<VcpuStats>> = (0..vcpus.len())
+            .map(|i| Arc::new(VcpuStats::for_vcpu(i as u32)))
+            .collect();
         std::thread::scope(|s| {
             let handles: Vec<_> = vcpus
                 .into_iter()
@@ -259,5 +271,157 @@ pub mod vm {
             }
             (stats.iter().map(|s| s.snapshot()).collect(), r)
         })
+    }
+
+    /// Spins (yielding) until `done()`; panics after 20 s (a failure, not a
+    /// synchronisation: every wait here is for an event the guest or the
+    /// devices signal).
+    pub fn wait_for(what: &str, done: impl FnMut() -> bool) {
+        wait_for_within(what, Duration::from_secs(20), done);
+    }
+
+    /// [`wait_for`] with another limit.
+    pub fn wait_for_within(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+        let start = Instant::now();
+        let mut spins = 0u32;
+        while !done() {
+            spins += 1;
+            if spins < 64 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+                if spins.is_multiple_of(1024) && start.elapsed() > limit {
+                    panic!("timed out ({limit:?}) waiting for {what}");
+                }
+            }
+        }
+    }
+
+    /// Waits (sleeping 1 ms between looks) until `progress()` reaches
+    /// `target`; panics if it stands still for `stall`: a watchdog for
+    /// long guest runs, which may take long in all but must keep moving.
+    pub fn wait_progress(
+        what: &str,
+        target: u64,
+        stall: Duration,
+        mut progress: impl FnMut() -> u64,
+    ) {
+        let (mut last, mut since) = (progress(), Instant::now());
+        while last < target {
+            std::thread::sleep(Duration::from_millis(1));
+            let now = progress();
+            if now != last {
+                (last, since) = (now, Instant::now());
+            } else if since.elapsed() > stall {
+                panic!("{what}: stuck at {last} of {target} for {stall:?}");
+            }
+        }
+    }
+
+    /// vm-superio's interrupt / reset line as an eventfd (the `Trigger` a
+    /// VMM gives `Serial` and `I8042Device`).
+    #[derive(Debug)]
+    pub struct EventFdTrigger(pub EventFd);
+
+    impl EventFdTrigger {
+        /// A non-blocking eventfd.
+        pub fn new() -> EventFdTrigger {
+            EventFdTrigger(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"))
+        }
+
+        /// A second handle on the same eventfd (for the VMM side).
+        pub fn try_clone(&self) -> EventFdTrigger {
+            EventFdTrigger(self.0.try_clone().expect("dup eventfd"))
+        }
+
+        /// The count signalled since the last call (0 if none).
+        pub fn take(&self) -> u64 {
+            self.0.read().unwrap_or(0)
+        }
+    }
+
+    impl Default for EventFdTrigger {
+        fn default() -> Self {
+            EventFdTrigger::new()
+        }
+    }
+
+    impl vm_superio::Trigger for EventFdTrigger {
+        type E = std::io::Error;
+        fn trigger(&self) -> std::io::Result<()> {
+            self.0.write(1)
+        }
+    }
+
+    /// `vm_superio::Serial` (an 8250/16550A UART) as a [`MutIoDevice`]:
+    /// register it as `Mutex::new(Uart::new(...))` over 8 ports. Each
+    /// byte of an access goes to the register at its offset.
+    pub struct Uart<W: Write + Send>(pub vm_superio::Serial<EventFdTrigger, NoEvents, W>);
+
+    impl<W: Write + Send> Uart<W> {
+        /// A UART whose transmitter writes to `out`.
+        pub fn new(out: W) -> Uart<W> {
+            Uart(vm_superio::Serial::new(EventFdTrigger::new(), out))
+        }
+    }
+
+    impl<W: Write + Send> MutIoDevice for Uart<W> {
+        fn read(&mut self, access: Access, data: &mut [u8]) -> Result<(), Declined> {
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = self.0.read((access.offset + i as u64) as u8);
+            }
+            Ok(())
+        }
+        fn write(&mut self, access: Access, data: &[u8]) -> WriteResult {
+            for (i, &b) in data.iter().enumerate() {
+                // A byte the output refused is lost, as on a real line.
+                let _ = self.0.write((access.offset + i as u64) as u8, b);
+            }
+            Ok(None)
+        }
+    }
+
+    /// `vm_superio::I8042Device` as a [`MutIoDevice`], registered at its
+    /// data port 0x60 and its command port 0x64 (two ranges of one
+    /// device: [`Access::base`] tells them apart).
+    pub struct I8042(pub vm_superio::I8042Device<EventFdTrigger>);
+
+    /// The i8042's data port.
+    pub const I8042_DATA: u64 = 0x60;
+    /// The i8042's command port (a write of 0xfe resets the machine).
+    pub const I8042_COMMAND: u64 = 0x64;
+
+    impl MutIoDevice for I8042 {
+        fn read(&mut self, access: Access, data: &mut [u8]) -> Result<(), Declined> {
+            let offset = access.addr().wrapping_sub(I8042_DATA) as u8;
+            data.fill(self.0.read(offset));
+            Ok(())
+        }
+        fn write(&mut self, access: Access, data: &[u8]) -> WriteResult {
+            let offset = access.addr().wrapping_sub(I8042_DATA) as u8;
+            let _ = self.0.write(offset, data[0]);
+            Ok(None)
+        }
+    }
+
+    /// A `Write` into a shared buffer, to capture a UART's output.
+    #[derive(Clone, Debug, Default)]
+    pub struct Captured(pub Arc<Mutex<Vec<u8>>>);
+
+    impl Captured {
+        /// What was written so far.
+        pub fn bytes(&self) -> Vec<u8> {
+            self.0.lock().clone()
+        }
+    }
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
     }
 }

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use kvm_bus::kvm::{Asm, Cond, MiniVm, Reg, VmExit, Width, DATA_ADDR};
 use kvm_bus::{Access, BusKind, Buses, Declined, Flavor, IoDevice, IoRange, WriteResult};
-use tests::vm::{kvm_or_skip, pattern, run_all, run_single, Counter, Doorbell, Logged, Recorder};
+use tests::vm::{
+    kvm_or_skip, pattern, run_all, run_single, wait_for, Counter, Doorbell, Logged, Recorder,
+};
 
 const PORT: u64 = 0x500;
 const MMIO: u64 = 0xd000_0000;
@@ -361,25 +363,6 @@ const HAMMER_PAUSES: u64 = 50;
 
 fn gpa(off: i32) -> u64 {
     DATA_ADDR + off as u64
-}
-
-/// Spins (yielding) until `done()`; panics after 20 s (a failure, not a
-/// synchronisation: every wait here is for an event the guest or the
-/// devices signal).
-fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let start = Instant::now();
-    let mut spins = 0u32;
-    while !done() {
-        spins += 1;
-        if spins < 64 {
-            std::hint::spin_loop();
-        } else {
-            std::thread::yield_now();
-            if spins.is_multiple_of(1024) && start.elapsed() > Duration::from_secs(20) {
-                panic!("timed out waiting for {what}");
-            }
-        }
-    }
 }
 
 /// A hot-plugged device: counts writes at its base address (and checks

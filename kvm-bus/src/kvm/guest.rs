@@ -5,7 +5,8 @@
 //! is plain 64-bit code. [`Asm`] emits the handful of instructions a device
 //! test needs (immediate moves, loads and stores through a base register,
 //! `in`/`out` through `dx`, `rep ins`/`rep outs`, compare and jump, `pause`,
-//! `hlt`) with forward and backward labels. No external assembler runs at
+//! `hlt`, a locked exchange and increment for guest spinlocks and counters,
+//! `rdtsc`) with forward and backward labels. No external assembler runs at
 //! build time or at run time.
 //!
 //! Only the eight legacy registers are encodable ([`Reg`]); memory operands
@@ -303,6 +304,40 @@ impl Asm {
         self.modrm_reg(src as u8, dst);
     }
 
+    /// `sub dst, src` (64-bit).
+    pub fn sub_reg(&mut self, dst: Reg, src: Reg) {
+        self.code.push(0x48);
+        self.code.push(0x29);
+        self.modrm_reg(src as u8, dst);
+    }
+
+    /// `or dst, src` (64-bit).
+    pub fn or_reg(&mut self, dst: Reg, src: Reg) {
+        self.code.push(0x48);
+        self.code.push(0x09);
+        self.modrm_reg(src as u8, dst);
+    }
+
+    /// `xchg [base + disp], reg` (64-bit; implicitly locked, so a
+    /// test-and-set for a guest spinlock).
+    pub fn xchg_mem(&mut self, base: Reg, disp: i32, reg: Reg) {
+        self.code.push(0x48);
+        self.code.push(0x87);
+        self.modrm_mem(reg as u8, base, disp);
+    }
+
+    /// `lock inc dword [base + disp]` (an atomic counter in guest memory).
+    pub fn lock_inc32(&mut self, base: Reg, disp: i32) {
+        self.code.extend_from_slice(&[0xf0, 0xff]);
+        self.modrm_mem(0, base, disp);
+    }
+
+    /// `rdtsc`: the time-stamp counter in `edx:eax` (upper halves of `rdx`
+    /// and `rax` zeroed).
+    pub fn rdtsc(&mut self) {
+        self.code.extend_from_slice(&[0x0f, 0x31]);
+    }
+
     /// `shl reg, imm8` (64-bit).
     pub fn shl_imm(&mut self, reg: Reg, imm: u8) {
         self.code.extend_from_slice(&[0x48, 0xc1]);
@@ -427,6 +462,18 @@ mod tests {
         let mut a = Asm::new();
         a.load(Width::B2, Reg::Rcx, Reg::Rsp, 0);
         assert_eq!(a.finish(), [0x66, 0x8b, 0x8c, 0x24, 0, 0, 0, 0]);
+        let mut a = Asm::new();
+        a.sub_reg(Reg::Rax, Reg::Rcx);
+        a.or_reg(Reg::Rax, Reg::Rdx);
+        assert_eq!(a.finish(), [0x48, 0x29, 0xc8, 0x48, 0x09, 0xd0]);
+        let mut a = Asm::new();
+        a.xchg_mem(Reg::Rbp, 0x10, Reg::Rax);
+        a.lock_inc32(Reg::Rbp, 0x20);
+        a.rdtsc();
+        assert_eq!(
+            a.finish(),
+            [0x48, 0x87, 0x85, 0x10, 0, 0, 0, 0xf0, 0xff, 0x85, 0x20, 0, 0, 0, 0x0f, 0x31]
+        );
         let mut a = Asm::new();
         let l = a.label();
         a.bind(l);
