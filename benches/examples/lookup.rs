@@ -8,6 +8,17 @@
 //! ([`bus::target`]) and at random addresses over the devices; plus the
 //! bare lookup (`IoBus::get_dev`). Prints medians and min..max.
 //!
+//! `... -- fresh N TRIALS [barrier]`: what `bench-report` does for one
+//! bus size: build each bus (N one-by-one registrations), then straight
+//! away 21 samples of [`bus::dispatch_ns`]; prints each sample in order and
+//! the function-call interrupts (membarrier IPIs) the machine took
+//! meanwhile. With `barrier`, waits for the registrations' deferred frees
+//! (`Srcu::barrier`) before measuring.
+//!
+//! `... -- reg [ROUNDS [SIZE]]`: what a table build costs: median ns of a
+//! `register_dev` into a bus of 0 to 49 devices (as `bench-report`'s
+//! `register_ns`), and into one of 900 to 949.
+//!
 //! `... -- loop BUS N ITERS [fixed|random]`: only ITERS dispatches (BUS =
 //! srcu, srcu_fast, rwlock_btreemap or get_dev) on an N-device bus, for
 //! `valgrind --tool=callgrind --branch-sim=yes` and `perf record`.
@@ -99,14 +110,89 @@ fn bench(rounds: usize) {
                 s[3].samples.push(sample_get_dev(&gd, &addrs));
             }
             println!(
-                "n={n:4} {what}: classic {}  fast {}  rwlock_btreemap {}  get_dev {}  classic/btree {:.2}",
+                "n={n:<4} {what} classic {}  fast {}  rwlock_btreemap {}  get_dev {}  classic/btree {:.2}  fast/btree {:.2}",
                 fmt(&s[0]),
                 fmt(&s[1]),
                 fmt(&s[2]),
                 fmt(&s[3]),
-                s[0].median() / s[2].median()
+                s[0].median() / s[2].median(),
+                s[1].median() / s[2].median(),
             );
         }
+    }
+}
+
+/// Function-call interrupts (IPIs) taken so far, all CPUs.
+fn call_irqs() -> u64 {
+    let s = std::fs::read_to_string("/proc/interrupts").unwrap_or_default();
+    s.lines()
+        .find(|l| l.trim_start().starts_with("CAL:"))
+        .map_or(0, |l| {
+            l.split_whitespace()
+                .skip(1)
+                .map_while(|w| w.parse::<u64>().ok())
+                .sum()
+        })
+}
+
+fn fresh_one<B: DispatchBus>(n: usize, barrier: impl Fn(&B)) {
+    let b = B::with_devices(n);
+    barrier(&b);
+    let addr = bus::target(n);
+    let irq0 = call_irqs();
+    let t0 = std::time::Instant::now();
+    bus::dispatch_ns(&b, addr, ITERS / 10 + 1);
+    let s = Stats::collect(21, || bus::dispatch_ns(&b, addr, ITERS));
+    let ms = t0.elapsed().as_secs_f64() * 1e3;
+    let samples: Vec<String> = s.samples.iter().map(|v| format!("{v:.0}")).collect();
+    println!(
+        "  {:16} median {:5.1}  IPIs {:5} in {ms:4.0} ms  samples {}",
+        B::KEY,
+        s.median(),
+        call_irqs() - irq0,
+        samples.join(" ")
+    );
+}
+
+fn fresh(n: usize, trials: usize, barrier: bool) {
+    for t in 0..trials {
+        println!("trial {t} (n={n}, barrier={barrier})");
+        fresh_one::<SrcuBus<srcu::Classic>>(n, |b| {
+            if barrier {
+                b.buses.srcu().barrier()
+            }
+        });
+        fresh_one::<SrcuBus<srcu::Fast>>(n, |b| {
+            if barrier {
+                b.buses.srcu().barrier()
+            }
+        });
+        fresh_one::<RwLockBTreeBus>(n, |_| ());
+    }
+}
+
+fn reg(rounds: usize, sizes: &[usize]) {
+    for &size in sizes {
+        let mut samples = Vec::new();
+        for _ in 0..rounds {
+            let b = SrcuBus::<srcu::Classic> {
+                buses: Buses::default(),
+            };
+            b.add(0, size);
+            b.buses.srcu().barrier();
+            for i in 0..50 {
+                let d: std::sync::Arc<dyn kvm_bus::IoDevice> = std::sync::Arc::new(bus::Nop);
+                let r = bus::range(bus::REG_BASE_INDEX + i);
+                samples.push(benches::harness::time_ns(|| {
+                    bus::register_one(&b.buses, bus::RegisterMode::Deferred, r, d)
+                }));
+            }
+        }
+        let s = Stats { samples };
+        println!(
+            "register_dev into {size}+0..49 devices: median {:.0} ns",
+            s.median()
+        );
     }
 }
 
@@ -122,6 +208,17 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("bench") | None => bench(args.get(1).map_or(21, |r| r.parse().expect("ROUNDS"))),
+        Some("fresh") => fresh(
+            args.get(1).expect("N").parse().expect("N"),
+            args.get(2).map_or(3, |t| t.parse().expect("TRIALS")),
+            args.get(3).is_some_and(|a| a == "barrier"),
+        ),
+        Some("reg") => reg(
+            args.get(1).map_or(200, |r| r.parse().expect("ROUNDS")),
+            &args
+                .get(2)
+                .map_or(vec![0, 900], |s| vec![s.parse().expect("SIZE")]),
+        ),
         Some("loop") => {
             let which = args.get(1).expect("BUS").as_str();
             let n: usize = args.get(2).expect("N").parse().expect("N");

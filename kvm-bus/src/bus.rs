@@ -2,6 +2,7 @@
 
 use crate::device::{Access, Completion, IoDevice};
 use crate::error::BusError;
+use crate::key_index::KeyIndex;
 use crate::range::IoRange;
 use crate::MAX_ACCESS_LEN;
 use core::fmt;
@@ -65,16 +66,13 @@ impl Entry {
 
 struct Entry {
     range: IoRange,
-    /// The largest `range.last()` of this entry and every one before it:
-    /// non-decreasing along the table, so the first entry that can contain
-    /// an access is found by binary search too (see `candidates`).
-    max_last: u64,
     dev: DevRef,
 }
 
 /// One bus: an immutable array of `(range, device)` sorted by address,
 /// then by length *descending*, equal ranges latest-registered first
-/// (so that reverse order is dispatch order), looked up by binary search.
+/// (so that reverse order is dispatch order), looked up through a
+/// bucketed index of the start addresses (`key_index.rs`).
 ///
 /// A published bus is never modified: [`Buses`](crate::Buses) builds a new
 /// one for every update. Readers get a `&IoBus` from
@@ -97,8 +95,9 @@ struct Entry {
 /// refusal, and the window gets what it declines. `B` does not cover
 /// 0x50 and is never called. Accesses of length
 /// 0 or more than [`MAX_ACCESS_LEN`] are [`BusError::InvalidAccessLength`].
-/// No lock, allocation or system call: a binary search, then the
-/// overlapping entries.
+/// No lock, allocation or system call: two dependent loads for evenly
+/// spread ranges (a static search tree of cache-line nodes otherwise), then
+/// the overlapping entries.
 ///
 /// ```
 /// use kvm_bus::{Access, Buses, BusKind, Declined, WriteResult, IoDevice, IoRange};
@@ -126,14 +125,20 @@ struct Entry {
 /// ```
 pub struct IoBus {
     entries: Box<[Entry]>,
-    /// `entries[i].range.addr()`, packed: the binary search touches 8 bytes
-    /// per step instead of a 40-byte entry (64 devices fit in 8 cache
-    /// lines).
-    starts: Box<[u64]>,
+    /// `entries[i].range.addr()`, packed (it derefs to that slice), with a
+    /// [`KeyIndex`] over it: a lookup reads one line of its bucket table
+    /// and one or two of the starts (evenly spread devices), or one line per
+    /// level of a tree.
+    starts: KeyIndex,
     /// Some range overlaps an earlier one. Without overlaps the only entry
     /// that can contain an access is the last one starting at or before
-    /// it, so lookup is a single binary search.
+    /// it, so lookup is a single search.
     overlapping: bool,
+    /// If `overlapping`: the largest `range.last()` of entry `i` and every
+    /// one before it, non-decreasing along the table, so the first entry
+    /// that can contain an access is found by a search too (see
+    /// `candidates`). Empty otherwise.
+    max_last: KeyIndex,
 }
 
 impl IoBus {
@@ -141,8 +146,9 @@ impl IoBus {
     pub(crate) fn empty() -> IoBus {
         IoBus {
             entries: Box::new([]),
-            starts: Box::new([]),
+            starts: KeyIndex::EMPTY,
             overlapping: false,
+            max_last: KeyIndex::EMPTY,
         }
     }
 
@@ -231,11 +237,16 @@ impl IoBus {
     /// the type docs). Entries `[0, hi)` start at or before `addr`; entries
     /// before `lo` (and everything before them) end before `last`. In a bus
     /// without overlaps this is at most one entry.
-    #[inline]
+    #[inline(always)]
     fn candidates(&self, addr: u64, last: u64) -> impl Iterator<Item = (usize, &Entry)> {
-        let hi = self.starts.partition_point(|&start| start <= addr);
+        let hi = self.starts.count_le(addr);
         let lo = if self.overlapping {
-            self.entries[..hi].partition_point(|e| e.max_last < last)
+            // Entries whose `max_last < last`: `last >= addr`, so none if
+            // `last` is 0; at most `hi` of them count.
+            match last.checked_sub(1) {
+                Some(below) => self.max_last.count_le_outlined(below).min(hi),
+                None => 0,
+            }
         } else {
             hi.saturating_sub(1)
         };
@@ -548,7 +559,6 @@ pub(crate) fn order_key(r: &IoRange) -> (u64, core::cmp::Reverse<u64>) {
 /// Builds a table from entries pushed in sorted order, in one pass.
 struct Builder {
     entries: Vec<Entry>,
-    starts: Vec<u64>,
     max_last: u64,
     overlapping: bool,
 }
@@ -557,7 +567,6 @@ impl Builder {
     fn with_capacity(n: usize) -> Self {
         Builder {
             entries: Vec::with_capacity(n),
-            starts: Vec::with_capacity(n),
             max_last: 0,
             overlapping: false,
         }
@@ -570,19 +579,29 @@ impl Builder {
             .is_none_or(|e| order_key(&e.range) <= order_key(&range)));
         self.overlapping |= !self.entries.is_empty() && range.addr() <= self.max_last;
         self.max_last = self.max_last.max(range.last());
-        self.starts.push(range.addr());
-        self.entries.push(Entry {
-            range,
-            max_last: self.max_last,
-            dev,
-        });
+        self.entries.push(Entry { range, dev });
     }
 
     fn finish(self) -> IoBus {
+        let entries = self.entries.into_boxed_slice();
+        let starts = KeyIndex::new(&entries, |e| e.range.addr());
+        let max_last = if self.overlapping {
+            let running: Vec<u64> = entries
+                .iter()
+                .scan(0, |max, e| {
+                    *max = e.range.last().max(*max);
+                    Some(*max)
+                })
+                .collect();
+            KeyIndex::new(&running, |&m| m)
+        } else {
+            KeyIndex::EMPTY
+        };
         IoBus {
-            entries: self.entries.into_boxed_slice(),
-            starts: self.starts.into_boxed_slice(),
+            entries,
+            starts,
             overlapping: self.overlapping,
+            max_last,
         }
     }
 }
@@ -606,6 +625,7 @@ impl fmt::Debug for IoBus {
 mod tests {
     use super::*;
     use crate::device::{Declined, WriteResult};
+    use crate::key_index::BLOCK;
 
     /// `write_cookie` without the (never returned here) completion.
     fn wc(b: &IoBus, cookie: usize, addr: u64, data: &[u8]) -> Result<usize, BusError> {
@@ -902,6 +922,97 @@ mod tests {
                     .map(|(i, _)| i)
                     .collect();
                 assert_eq!(got, want, "addr {addr} last {last} bus {b:?}");
+            }
+        }
+    }
+
+    /// xorshift64, fixed seed.
+    fn rng(mut seed: u64) -> impl FnMut(u64) -> u64 {
+        move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        }
+    }
+
+    /// `candidates_match_linear_scan` on big tables (1000 to 2100 entries),
+    /// overlapping, disjoint and spread (the bucket path), disjoint in
+    /// clusters far apart (the tree path), some at the top of the address
+    /// space, probed at random and at the edges of every third range.
+    #[test]
+    fn candidates_match_linear_scan_big_tables() {
+        let mut rnd = rng(0x2545_f491_4f6c_dd1d);
+        for round in 0..12u64 {
+            let n = 1000 + rnd(1100) as usize;
+            let base = if round % 4 == 3 {
+                u64::MAX - (1 << 34)
+            } else {
+                rnd(1 << 40)
+            };
+            let mut next_free = base;
+            let mut ranges: Vec<IoRange> = (0..n)
+                .map(|_| {
+                    if round % 3 == 2 {
+                        // 4-byte doorbells, and now and then a jump.
+                        let start = next_free + if rnd(64) == 0 { rnd(1 << 26) } else { 0 };
+                        next_free = start + 4;
+                        r(start, 4)
+                    } else if round % 3 == 0 {
+                        // Overlapping: windows of up to 64 KiB with small
+                        // devices inside.
+                        let len = if rnd(16) == 0 {
+                            1 + rnd(0x1_0000)
+                        } else {
+                            1 + rnd(16)
+                        };
+                        let start = base + rnd(0x20_0000);
+                        r(start, len.min(u64::MAX - start + 1))
+                    } else {
+                        let start = next_free + rnd(0x800);
+                        let len = (1 + rnd(0x100)).min(u64::MAX - start + 1);
+                        next_free = start.saturating_add(len);
+                        r(start, len)
+                    }
+                })
+                .collect();
+            if round % 4 == 3 && round % 3 != 0 {
+                // The last device ends at u64::MAX.
+                let last = ranges.last_mut().unwrap();
+                *last = r(last.addr(), u64::MAX - last.addr() + 1);
+            }
+            let devs: Vec<_> = ranges
+                .iter()
+                .enumerate()
+                .map(|(i, &range)| (range, Dev::new(i as u8, None)))
+                .collect();
+            let b = bus(&devs);
+            assert_eq!(b.overlapping, round % 3 == 0, "round {round}");
+            let crowded = b.starts.fullest_bucket() > BLOCK;
+            assert_eq!(crowded, round % 3 == 2, "round {round}: the path tested");
+            let edges = ranges.iter().step_by(3).flat_map(|r| {
+                [
+                    r.addr().wrapping_sub(1),
+                    r.addr(),
+                    r.last(),
+                    r.last().wrapping_add(1),
+                ]
+            });
+            let random: Vec<u64> = (0..2000)
+                .map(|_| base.wrapping_add(rnd(0x20_0000 + 0x800 * n as u64)))
+                .collect();
+            for addr in edges.chain(random).chain([0, u64::MAX]) {
+                let last = addr.saturating_add(rnd(8));
+                let got: Vec<usize> = b.candidates(addr, last).map(|(i, _)| i).collect();
+                let want: Vec<usize> = b
+                    .entries
+                    .iter()
+                    .enumerate()
+                    .rev()
+                    .filter(|(_, e)| e.range.addr() <= addr && e.range.last() >= last)
+                    .map(|(i, _)| i)
+                    .collect();
+                assert_eq!(got, want, "round {round} addr {addr:#x} last {last:#x}");
             }
         }
     }

@@ -184,6 +184,7 @@ mod bus;
 mod buses;
 mod device;
 mod error;
+mod key_index;
 mod kind;
 mod range;
 mod removal;
