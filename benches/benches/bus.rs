@@ -1,11 +1,17 @@
 //! Issue 6, section 3: dispatch on buses of 1/16/64/1000 devices (kvm-bus
-//! vs `RwLock<BTreeMap>` and `Mutex<BTreeMap>`, 1 and 2 threads),
-//! registration and unregistration (kvm-bus vs the pre-6.18 variant vs the
-//! kernel's `KVM_IOEVENTFD`), and the 200-device "VM start-up".
+//! vs the buses real Rust VMMs ship: rust-vmm's vm-device `IoManager` in a
+//! `RwLock` or a `Mutex`, Cloud Hypervisor's `Weak`-based bus, Dragonball's
+//! `ArcSwap` table, and a plain `RwLock<BTreeMap>`; 1 and 2 threads),
+//! registration and unregistration (kvm-bus vs the pre-6.18 variant, the
+//! same peers and the kernel's `KVM_IOEVENTFD`), guest-driven
+//! reconfiguration (`move_range`, a handler-started removal), and the
+//! 200-device "VM start-up".
 
 use benches::bus::{self, BusVisitor, DispatchBus, RegisterMode, Startup};
 use benches::harness::{concurrent_fixed, Stats};
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use benches::peers::{self, UpdatePeer};
+use criterion::measurement::WallTime;
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion};
 use srcu::Classic;
 use std::hint::black_box;
 use std::time::Duration;
@@ -47,6 +53,15 @@ fn dispatch(c: &mut Criterion) {
     }
 }
 
+fn peer_registration<P: UpdatePeer>(g: &mut BenchmarkGroup<'_, WallTime>) {
+    g.bench_function(format!("register_{}", P::KEY), |b| {
+        b.iter_custom(|iters| total(&peers::register_latency::<P>(iters as usize, 50)))
+    });
+    g.bench_function(format!("unregister_{}", P::KEY), |b| {
+        b.iter_custom(|iters| total(&peers::unregister_latency::<P>(iters as usize)))
+    });
+}
+
 fn registration(c: &mut Criterion) {
     let buses = kvm_bus::Buses::new();
     let mut g = c.benchmark_group("register");
@@ -61,6 +76,33 @@ fn registration(c: &mut Criterion) {
     g.bench_function("unregister_dev", |b| {
         b.iter_custom(|iters| total(&bus::unregister_latency(&buses, iters as usize)))
     });
+    peer_registration::<peers::VmDeviceBus>(&mut g);
+    peer_registration::<peers::ChBus>(&mut g);
+    peer_registration::<peers::DragonballBus>(&mut g);
+    let fast = kvm_bus::Buses::new_fast();
+    for (flavor, classic) in [("classic", true), ("fast", false)] {
+        g.bench_function(format!("move_range_{flavor}"), |b| {
+            b.iter_custom(|iters| {
+                total(&if classic {
+                    bus::move_range_latency(&buses, iters as usize, 50)
+                } else {
+                    bus::move_range_latency(&fast, iters as usize, 50)
+                })
+            })
+        });
+        for (what, complete) in [("start_unregister", false), ("removal_complete", true)] {
+            g.bench_function(format!("{what}_{flavor}"), |b| {
+                b.iter_custom(|iters| {
+                    let (s, c) = if classic {
+                        bus::removal_latency(&buses, iters as usize)
+                    } else {
+                        bus::removal_latency(&fast, iters as usize)
+                    };
+                    total(if complete { &c } else { &s })
+                })
+            });
+        }
+    }
     #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
     match benches::vm::IoeventVm::new() {
         Ok(vm) => {

@@ -1,11 +1,11 @@
 //! Section 3: bus dispatch, registration and unregistration.
 //!
-//! Peers for dispatch are the `BTreeMap` buses other Rust VMMs use
-//! (Cloud Hypervisor's `vm-device::Bus` is an `RwLock<BTreeMap<BusRange,
-//! Weak<dyn BusDevice>>>`; Mutex-wrapped maps are the other common
-//! design). To be conservative they dispatch *while holding* the lock,
-//! which is the cheapest form of that design: Cloud Hypervisor additionally
-//! upgrades a `Weak` (an atomic increment and decrement per exit).
+//! Dispatch peers: kvm-bus (both flavors), the buses real Rust VMMs ship
+//! ([`crate::peers`]: rust-vmm's vm-device `IoManager` behind a `RwLock`
+//! or a `Mutex`, Cloud Hypervisor's `RwLock<BTreeMap<_, Weak<_>>>` bus,
+//! Dragonball's copy-on-write table in an `ArcSwap`), and a plain
+//! `RwLock<BTreeMap>` that dispatches under the read lock (the cheapest
+//! form of the lock-based design, kept from earlier reports).
 
 use crate::harness::{time_ns, with_background, Stats};
 use kvm_bus::{Access, BusKind, Buses, Declined, IoDevice, IoRange, WriteResult};
@@ -52,7 +52,7 @@ pub fn target(n: usize) -> u64 {
 }
 
 /// A bus a vCPU thread dispatches exits on.
-pub trait DispatchBus: Sync {
+pub trait DispatchBus: Sync + 'static {
     /// Key in JSON (`dispatch64_<KEY>_ns`) and benchmark ids.
     const KEY: &'static str;
     /// Name for tables.
@@ -113,7 +113,8 @@ macro_rules! srcu_bus {
 srcu_bus!(srcu::Classic, "srcu", "kvm-bus (srcu classic)");
 srcu_bus!(srcu::Fast, "srcu_fast", "kvm-bus (srcu fast)");
 
-type Map = BTreeMap<u64, (u64, Arc<dyn IoDevice>)>;
+/// A `BTreeMap` bus table: base -> (length, device).
+pub(crate) type Map = BTreeMap<u64, (u64, Arc<dyn IoDevice>)>;
 
 fn btree_with(n: usize) -> Map {
     (0..n)
@@ -125,7 +126,7 @@ fn btree_with(n: usize) -> Map {
 }
 
 #[inline]
-fn btree_dispatch(map: &Map, addr: u64, data: &[u8]) -> bool {
+pub(crate) fn btree_dispatch(map: &Map, addr: u64, data: &[u8]) -> bool {
     match map.range(..=addr).next_back() {
         Some((&base, (len, dev))) if addr - base + data.len() as u64 <= *len => dev
             .write(Access::new(base, addr - base, None), data)
@@ -150,22 +151,6 @@ impl DispatchBus for RwLockBTreeBus {
     }
 }
 
-/// `std::sync::Mutex<BTreeMap<base, (len, device)>>`, dispatch under the
-/// lock.
-pub struct MutexBTreeBus(std::sync::Mutex<Map>);
-
-impl DispatchBus for MutexBTreeBus {
-    const KEY: &'static str = "mutex_btreemap";
-    const LABEL: &'static str = "Mutex<BTreeMap>";
-    fn with_devices(n: usize) -> Self {
-        MutexBTreeBus(std::sync::Mutex::new(btree_with(n)))
-    }
-    #[inline]
-    fn dispatch(&self, addr: u64, data: &[u8]) -> bool {
-        btree_dispatch(&self.0.lock().unwrap(), addr, data)
-    }
-}
-
 /// Receives every dispatch peer type in turn.
 pub trait BusVisitor {
     /// Called once per bus type.
@@ -176,8 +161,12 @@ pub trait BusVisitor {
 pub fn for_each_bus(v: &mut impl BusVisitor) {
     v.visit::<SrcuBus<srcu::Classic>>();
     v.visit::<SrcuBus<srcu::Fast>>();
+    v.visit::<crate::peers::VmDeviceBus>();
+    v.visit::<crate::peers::VmDeviceMutexBus>();
+    v.visit::<crate::peers::ChBus>();
+    v.visit::<crate::peers::DragonballBus>();
+    v.visit::<crate::peers::DragonballCachedBus>();
     v.visit::<RwLockBTreeBus>();
-    v.visit::<MutexBTreeBus>();
 }
 
 /// Thread-CPU ns per dispatch on one thread (one batch of `iters`).
@@ -283,6 +272,73 @@ pub fn unregister_latency<F: Flavor>(buses: &Buses<F>, reps: usize) -> Stats {
                 .expect("unregister");
         })
     })
+}
+
+/// Latency of `move_range` (a guest relocating a BAR): one device moved
+/// back and forth between two ranges on an otherwise empty bus, the slots
+/// lock taken inside the timed call as [`register_one`] does. Between
+/// batches of `batch` moves the deferred frees are let finish (untimed).
+pub fn move_range_latency<F: Flavor>(buses: &Buses<F>, reps: usize, batch: usize) -> Stats {
+    let d: Arc<dyn IoDevice> = Arc::new(Nop);
+    let ends = [range(REG_BASE_INDEX), range(REG_BASE_INDEX + 1)];
+    buses
+        .register_dev(&mut buses.lock_slots(), BusKind::Mmio, ends[0], d.clone())
+        .expect("register");
+    buses.srcu().barrier();
+    let mut samples = Vec::with_capacity(reps);
+    let mut at = 0;
+    while samples.len() < reps {
+        for _ in 0..batch.min(reps - samples.len()) {
+            let (from, to) = (ends[at], ends[1 - at]);
+            samples.push(time_ns(|| {
+                let mut slots = buses.lock_slots();
+                buses
+                    .move_range(&mut slots, BusKind::Mmio, &d, from, to)
+                    .expect("move_range");
+            }));
+            at = 1 - at;
+        }
+        buses.srcu().barrier();
+    }
+    buses
+        .unregister_dev(&mut buses.lock_slots(), BusKind::Mmio, &d)
+        .expect("unregister");
+    Stats { samples }
+}
+
+/// Latencies of a removal started from inside a read section, as a device
+/// handler starts it (a guest writing an eject register): from the
+/// `start_unregister` call (slots lock included) to its return, when the
+/// device is unpublished; and from the same start to `Removal::wait`
+/// returning, when it is complete (the read section of the access ended
+/// in between, as the handler returned). Each sample removes a device
+/// registered just before (untimed, its deferred free completed).
+pub fn removal_latency<F: Flavor>(buses: &Buses<F>, reps: usize) -> (Stats, Stats) {
+    let (mut start, mut complete) = (Vec::with_capacity(reps), Vec::with_capacity(reps));
+    for _ in 0..reps {
+        let d: Arc<dyn IoDevice> = Arc::new(Nop);
+        buses
+            .register_dev(
+                &mut buses.lock_slots(),
+                BusKind::Mmio,
+                range(REG_BASE_INDEX),
+                d.clone(),
+            )
+            .expect("register");
+        buses.srcu().barrier();
+        let section = buses.read_lock(); // the handler's access
+        let t0 = std::time::Instant::now();
+        let removal = buses
+            .start_unregister(&mut buses.lock_slots(), BusKind::Mmio, &d)
+            .expect("start_unregister");
+        let t1 = t0.elapsed();
+        drop(section); // the handler returns
+        removal.wait().expect("wait");
+        let t2 = t0.elapsed();
+        start.push(t1.as_nanos() as f64);
+        complete.push(t2.as_nanos() as f64);
+    }
+    (Stats { samples: start }, Stats { samples: complete })
 }
 
 /// [`unregister_latency`] while `readers` threads dispatch continuously to

@@ -292,86 +292,26 @@ pub fn threads_ns<P: ReadPeer>(
 
 /// The physical floor of the fast flavor's read section: the two bare rseq
 /// per-CPU increments `read_lock` and the guard's drop perform (the lock
-/// word, then the unlock word, of the current CPU's 128-byte slot), and
-/// nothing around them: no index load, no held-section bookkeeping, no
-/// guard. A copy of srcu's sequence (`srcu/src/rseq.rs`, `percpu_inc`),
-/// because srcu does not export it.
+/// word, then the unlock word, of the current CPU's slot), and nothing
+/// around them: no index load, no held-section bookkeeping, no guard. It is
+/// srcu's own sequence (`srcu::__private::RseqPairFloor`), not a copy.
 mod floor {
     use super::ReadPeer;
     use std::hint::black_box;
-    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-
-    /// One CPU's words, laid out as srcu's `CachePadded<Slot>`: `lock[2]`
-    /// at offset 0, `unlock[2]` at 16, 128 bytes per CPU.
-    #[repr(C, align(128))]
-    #[derive(Default)]
-    struct Slot {
-        lock: [AtomicU64; 2],
-        unlock: [AtomicU64; 2],
-    }
-
-    const _: () = assert!(std::mem::size_of::<Slot>() == 128);
-    const UNLOCK_OFFSET: usize = 16;
 
     /// `(ref)` peer: two rseq per-CPU adds per section.
-    pub struct RseqPairFloor {
-        slots: Box<[Slot]>,
-        nr_cpus: u32,
-        /// `__rseq_offset`: the thread's rseq area, from the thread pointer.
-        rseq_offset: isize,
-        /// Increments of threads whose rseq area was unusable (or whose
-        /// CPU number was beyond the slots): an atomic add, as srcu does.
-        fallback: AtomicU64,
-    }
+    pub struct RseqPairFloor(srcu::__private::RseqPairFloor);
 
     impl RseqPairFloor {
-        /// `None` unless glibc registers rseq for its threads (glibc 2.35+,
-        /// x86_64, not disabled by its tunable) and the calling thread's
-        /// registration worked: then srcu also counts with rseq.
+        /// `None` unless glibc registers rseq for its threads (then srcu
+        /// also counts with rseq).
         pub fn new() -> Option<Self> {
-            let rseq_offset = rseq_offset()?;
-            // SAFETY: sysconf has no preconditions.
-            let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) };
-            let nr_cpus = (n.max(1) as usize).min(u32::MAX as usize / 2);
-            let floor = RseqPairFloor {
-                slots: (0..nr_cpus).map(|_| Slot::default()).collect(),
-                nr_cpus: nr_cpus as u32,
-                rseq_offset,
-                fallback: AtomicU64::new(0),
-            };
-            // Registration can fail per thread (seccomp, a foreign clone);
-            // glibc then leaves `cpu_id` at RSEQ_CPU_ID_REGISTRATION_FAILED.
-            floor.inc(0);
-            (floor.fallback.load(Relaxed) == 0).then_some(floor)
+            srcu::__private::RseqPairFloor::new().map(RseqPairFloor)
         }
 
         /// Sum of every word (what the increments added up to).
         pub fn total(&self) -> u64 {
-            self.slots
-                .iter()
-                .flat_map(|s| s.lock.iter().chain(s.unlock.iter()))
-                .map(|w| w.load(Relaxed))
-                .sum::<u64>()
-                + self.fallback.load(Relaxed)
-        }
-
-        #[inline(always)]
-        fn inc(&self, offset: usize) {
-            let base = (self.slots.as_ptr() as *mut u8).wrapping_add(offset) as *mut u64;
-            // SAFETY: `rseq_offset` came from glibc and this thread's
-            // registration was checked where possible (`new`; a thread
-            // whose registration failed has `cpu_id` >= `nr_cpus` and takes
-            // the fallback); `base + c * 128` for `c < nr_cpus` is a word
-            // of `slots[c]`, written only by this sequence.
-            if !unsafe { percpu_inc(self.rseq_offset, base, self.nr_cpus) } {
-                self.slow();
-            }
-        }
-
-        #[cold]
-        #[inline(never)]
-        fn slow(&self) {
-            self.fallback.fetch_add(1, Relaxed);
+            self.0.total()
         }
     }
 
@@ -380,129 +320,14 @@ mod floor {
         const LABEL: &'static str = "(ref) 2 bare rseq per-CPU adds (srcu fast's sequence)";
         #[inline]
         fn lock_unlock(&self) {
-            self.inc(0);
-            self.inc(UNLOCK_OFFSET);
+            self.0.pair();
         }
         #[inline]
         fn lock_deref_unlock(&self) -> u64 {
-            self.inc(0);
-            let v = black_box(42);
-            self.inc(UNLOCK_OFFSET);
-            v
+            // The floor has no dereference: the pair around a load.
+            self.0.pair();
+            black_box(42)
         }
-    }
-
-    /// glibc's `__rseq_offset` if it registers an rseq area of at least the
-    /// 16 bytes used here for every thread, and the calling thread's
-    /// registration worked.
-    #[cfg(all(target_os = "linux", target_arch = "x86_64", target_env = "gnu"))]
-    fn rseq_offset() -> Option<isize> {
-        // SAFETY: dlsym with RTLD_DEFAULT and NUL-terminated names only
-        // looks symbols up; null means "not exported" (glibc < 2.35).
-        let (size, off) = unsafe {
-            (
-                libc::dlsym(libc::RTLD_DEFAULT, c"__rseq_size".as_ptr()),
-                libc::dlsym(libc::RTLD_DEFAULT, c"__rseq_offset".as_ptr()),
-            )
-        };
-        if size.is_null() || off.is_null() {
-            return None;
-        }
-        // SAFETY: glibc defines `__rseq_size` as `const unsigned int` and
-        // `__rseq_offset` as `const ptrdiff_t`, initialised before any user
-        // code runs and never changed.
-        let (size, off) = unsafe { (*(size as *const u32), *(off as *const isize)) };
-        if size < 16 {
-            return None;
-        }
-        let cpu: u32;
-        // SAFETY: `off` is glibc's `__rseq_offset`, so `fs:[off + 4]` is
-        // the `cpu_id` field of this thread's rseq area (registered, since
-        // `__rseq_size` is not 0), which lives as long as the thread.
-        unsafe {
-            core::arch::asm!(
-                "mov {cpu:e}, dword ptr fs:[{off} + 4]",
-                off = in(reg) off,
-                cpu = out(reg) cpu,
-                options(nostack, readonly, preserves_flags),
-            );
-        }
-        (cpu < u32::MAX - 1).then_some(off)
-    }
-
-    #[cfg(not(all(target_os = "linux", target_arch = "x86_64", target_env = "gnu")))]
-    fn rseq_offset() -> Option<isize> {
-        None
-    }
-
-    /// srcu's `percpu_inc`, verbatim (minus its teeth variants): adds 1 to
-    /// the `u64` at `base + cpu * 128`, `cpu` being the CPU the thread runs
-    /// on at commit time, as a restartable sequence; `false`, having
-    /// written nothing, if `cpu >= nr_cpus`.
-    ///
-    /// Labels: 2 retry (re-arm `rseq_cs`, which the kernel clears on
-    /// abort), 3 the descriptor `struct rseq_cs { u32 version; u32 flags;
-    /// u64 start_ip; u64 post_commit_offset; u64 abort_ip; }` (32-byte
-    /// aligned, in `__rseq_cs`), 4 start, 5 post-commit, 6 abort handler
-    /// (in `__rseq_failure`, preceded by glibc's signature 0x53053053
-    /// after three bytes that make it decode as `ud1`), 7 out of range,
-    /// 8 done.
-    ///
-    /// # Safety
-    ///
-    /// `rseq_offset` must be glibc's `__rseq_offset`; `base + c * 128` must
-    /// be valid for writes of a `u64` for every `c < nr_cpus` and written
-    /// by nothing but this sequence.
-    #[cfg(all(target_os = "linux", target_arch = "x86_64", target_env = "gnu"))]
-    #[inline(always)]
-    unsafe fn percpu_inc(rseq_offset: isize, base: *mut u64, nr_cpus: u32) -> bool {
-        let ok: u32;
-        // SAFETY: the caller's contract; the asm writes only this thread's
-        // `rseq_cs` field and the counter word of the CPU it commits on.
-        unsafe {
-            core::arch::asm!(
-                ".pushsection __rseq_cs, \"aw\"",
-                ".balign 32",
-                "3:",
-                ".long 0, 0",
-                ".quad 4f, (5f - 4f), 6f",
-                ".popsection",
-                "2:",
-                "lea rax, [rip + 3b]",
-                "mov qword ptr fs:[{off} + 8], rax",
-                "4:",
-                "mov eax, dword ptr fs:[{off} + 4]",
-                "cmp eax, {nr:e}",
-                "jae 7f",
-                "shl rax, 7",
-                "add qword ptr [{base} + rax], 1",
-                "5:",
-                "mov {ok:e}, 1",
-                "jmp 8f",
-                ".pushsection __rseq_failure, \"ax\"",
-                ".byte 0x0f, 0xb9, 0x3d",
-                ".long 0x53053053",
-                "6:",
-                "jmp 2b",
-                ".popsection",
-                "7:",
-                "xor {ok:e}, {ok:e}",
-                "8:",
-                off = in(reg) rseq_offset,
-                base = in(reg) base,
-                nr = in(reg) nr_cpus,
-                ok = out(reg) ok,
-                out("rax") _,
-                options(nostack),
-            );
-        }
-        ok != 0
-    }
-
-    #[cfg(not(all(target_os = "linux", target_arch = "x86_64", target_env = "gnu")))]
-    #[inline(always)]
-    unsafe fn percpu_inc(_rseq_offset: isize, _base: *mut u64, _nr_cpus: u32) -> bool {
-        false
     }
 
     #[cfg(test)]

@@ -55,7 +55,7 @@
 //! `cargo run --release -p srcu --example fastpath_asm -- bench [iters] [reps]`
 //! times `read_lock` + drop of both flavors, inlined into a loop (and
 //! with an opaque call inside), against
-//! `srcu::__private::rseq_pair_floor` (the two bare increments) in one
+//! `srcu::__private::RseqPairFloor` (the two bare increments) in one
 //! process, and prints the minimum ns per section of each over `reps`
 //! runs (`VERBOSE=1`: every run). The machine may be shared: repeat and
 //! compare minima.
@@ -121,9 +121,16 @@ fn bench(iters: u64, reps: usize) {
     let (mut fast, mut classic, mut floor) = (f64::MAX, f64::MAX, f64::MAX);
     let (mut fast_call, mut classic_call) = (f64::MAX, f64::MAX);
     let verbose = std::env::var_os("VERBOSE").is_some();
+    let pair = srcu::__private::RseqPairFloor::new();
     for _ in 0..reps {
         let (a, b, d) = (
-            ns_per(iters, || srcu::__private::rseq_pair_floor(iters)),
+            ns_per(iters, || {
+                if let Some(p) = &pair {
+                    for _ in 0..iters {
+                        p.pair();
+                    }
+                }
+            }),
             ns_per(iters, || section_loop(&f, iters)),
             ns_per(iters, || section_loop(&c, iters)),
         );

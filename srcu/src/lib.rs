@@ -135,16 +135,30 @@ pub mod __private {
         let _ = n;
     }
 
-    /// The physical floor of the fast flavor's read section: runs `iters`
-    /// times the two bare per-CPU rseq increments that `read_lock` and the
-    /// guard's drop make (the current CPU's lock word, then its unlock
-    /// word), with exactly the crate's sequence, on a private counter array
-    /// allocated per call, and nothing around them (no index load, no
-    /// mode check, no section tracking, no guard). Without rseq (see
-    /// [`Srcu::counter_path`](crate::Srcu::counter_path)) it runs the
-    /// atomic fallback instead. For bench-report's `read_rseq_pair_floor_ns`.
-    pub fn rseq_pair_floor(iters: u64) {
-        crate::percpu::rseq_pair_floor(iters)
+    /// The physical floor of the fast flavor's read section: the two bare
+    /// per-CPU rseq increments that `read_lock` and the guard's drop make
+    /// (the current CPU's lock word, then its unlock word), with exactly
+    /// the crate's sequence, on a private counter array, and nothing around
+    /// them (no index load, no mode check, no section tracking, no guard).
+    /// For bench-report's `read_rseq_pair_floor_ns`.
+    pub struct RseqPairFloor(crate::percpu::PairFloor);
+
+    impl RseqPairFloor {
+        /// `None` where the crate does not count with rseq.
+        pub fn new() -> Option<RseqPairFloor> {
+            crate::percpu::PairFloor::new().map(RseqPairFloor)
+        }
+
+        /// One pair of increments.
+        #[inline(always)]
+        pub fn pair(&self) {
+            self.0.pair();
+        }
+
+        /// The increments made so far, summed over the CPUs.
+        pub fn total(&self) -> u64 {
+            self.0.total()
+        }
     }
 
     /// True if both indices are balanced (no lost increment).

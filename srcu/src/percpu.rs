@@ -68,7 +68,7 @@
 //! ```
 //!
 //! 14 of the 29 are the two counter updates, exactly the sequence
-//! `__private::rseq_pair_floor` runs (the floor); 4 are the tracking.
+//! `__private::RseqPairFloor::pair` runs (the floor); 4 are the tracking.
 //! Inlined into a loop the section is 25 instructions per iteration (the
 //! floor's loop: 15; before: 48). `fastpath_asm bench` times both in one
 //! process (minimum of repeated runs): on a 2-vCPU KVM guest (Xeon,
@@ -593,24 +593,27 @@ pub(crate) fn possible_cpus() -> usize {
     }
 }
 
-/// `iters` times the two bare per-CPU increments of a fast read section
-/// (`lock[0]` then `unlock[0]` of the current CPU's slot, with exactly the
-/// sequence [`Counters::inc_lock`] and [`Counters::inc_unlock`] use) on a
-/// private array, and nothing around them: the floor that the fast
-/// flavor's `read_lock` + drop is measured against. Without rseq (or on a
-/// CPU beyond the slots) it takes the atomic fallback, as srcu does.
-#[inline(never)]
-pub(crate) fn rseq_pair_floor(iters: u64) {
-    let c = Counters::new(false, true, crate::held::UNTRACKED);
-    if !c.mode.is_rseq() {
-        for _ in 0..iters {
-            c.slots[0].lock[0].fetch_add(1, Relaxed);
-            c.slots[0].unlock[0].fetch_add(1, Relaxed);
-        }
-        return;
+/// The two bare per-CPU increments of a fast read section (`lock[0]` then
+/// `unlock[0]` of the current CPU's slot, with exactly the sequence
+/// [`Counters::inc_lock`] and [`Counters::inc_unlock`] use) on a private
+/// array, and nothing around them: the floor that the fast flavor's
+/// `read_lock` + drop is measured against. On a CPU beyond the slots it
+/// takes the atomic fallback, as srcu does.
+pub(crate) struct PairFloor(Counters);
+
+impl PairFloor {
+    /// A private counter array; `None` where srcu would not count with
+    /// rseq (no glibc rseq registration), so there is no floor to measure.
+    pub(crate) fn new() -> Option<PairFloor> {
+        let c = Counters::new(false, true, crate::held::UNTRACKED);
+        c.mode.is_rseq().then_some(PairFloor(c))
     }
-    let (rseq, nr_cpus, words) = (c.rseq, c.nr_cpus, c.words(0));
-    for _ in 0..iters {
+
+    /// One pair: `lock[0]` then `unlock[0]` of the current CPU's slot.
+    #[inline(always)]
+    pub(crate) fn pair(&self) {
+        let c = &self.0;
+        let (rseq, nr_cpus, words) = (c.rseq, c.nr_cpus, c.words(0));
         // SAFETY: as in `Counters::inc_lock` (`c` is in rseq mode, so
         // `c.rseq` came from `detect`); the fallback writes only a shared
         // slot.
@@ -621,5 +624,18 @@ pub(crate) fn rseq_pair_floor(iters: u64) {
         if !unsafe { rseq::percpu_inc::<UNLOCK_OFFSET>(rseq, words, nr_cpus) } {
             c.slots[nr_cpus as usize].unlock[0].fetch_add(1, Relaxed);
         }
+    }
+
+    /// Every increment made so far (a lost one would show here).
+    pub(crate) fn total(&self) -> u64 {
+        self.0
+            .slots
+            .iter()
+            .map(|s| {
+                s.lock[0]
+                    .load(Relaxed)
+                    .wrapping_add(s.unlock[0].load(Relaxed)) as u64
+            })
+            .fold(0u64, u64::wrapping_add)
     }
 }
