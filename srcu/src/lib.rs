@@ -1,9 +1,11 @@
 //! Sleepable RCU (SRCU) for userspace, with per-CPU counters.
 //!
-//! Readers enter a section with [`Srcu::read_lock`], which costs about a
-//! nanosecond in the [`Fast`] flavor (two non-locked per-CPU adds in
-//! restartable sequences, no fence) and one locked add in the [`Classic`]
-//! flavor, and may block or sleep inside it. Updaters unpublish data and wait
+//! Readers enter a section with [`Srcu::read_lock`], which costs two
+//! non-locked per-CPU adds in restartable sequences and no fence in the
+//! [`Fast`] flavor (5.6 ns for `read_lock` + drop on a 2-vCPU Xeon VM,
+//! within 1.2x of the two bare adds), and one locked add plus one
+//! non-locked add in the [`Classic`] flavor (10.3 ns there), and may block
+//! or sleep inside it. Updaters unpublish data and wait
 //! for pre-existing readers with [`Srcu::synchronize`], or defer the free with
 //! [`Srcu::call_srcu`]. This is the design of Linux's `kernel/rcu/srcutree.c`
 //! (the two-index flip, split lock/unlock counters summed per index), brought
