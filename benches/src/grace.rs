@@ -239,40 +239,27 @@ fn sample_synchronize<F: Flavor>(srcu: &Srcu<F>, reps: usize, expedited: bool) -
     })
 }
 
-/// The bare `membarrier(2)` the fast flavor's grace periods are made of.
+/// The bare `membarrier(2)` the fast flavor's grace periods are made of
+/// (srcu's own call, `srcu::__private::bare_membarrier`).
 pub mod membarrier {
     use crate::harness::{time_ns, Stats};
 
-    const REGISTER_PRIVATE_EXPEDITED: libc::c_int = 1 << 4;
-    const PRIVATE_EXPEDITED: libc::c_int = 1 << 3;
-
-    fn call(cmd: libc::c_int) -> libc::c_long {
-        // SAFETY: membarrier takes (cmd, flags, cpu_id) integers and
-        // touches no user memory.
-        unsafe {
-            libc::syscall(
-                libc::SYS_membarrier,
-                cmd,
-                0 as libc::c_uint,
-                0 as libc::c_int,
-            )
-        }
-    }
-
-    /// Registers the process for `MEMBARRIER_CMD_PRIVATE_EXPEDITED` (once;
-    /// srcu has usually done it already, which is harmless). False if the
-    /// kernel or a seccomp filter refuses.
+    /// True if the process can use `MEMBARRIER_CMD_PRIVATE_EXPEDITED`
+    /// (registered once; srcu has usually done it already).
     pub fn available() -> bool {
         static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *OK.get_or_init(|| call(REGISTER_PRIVATE_EXPEDITED) == 0 && call(PRIVATE_EXPEDITED) == 0)
+        *OK.get_or_init(srcu::__private::bare_membarrier)
     }
 
     /// One `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0)`; panics if it
     /// fails after [`available`] said yes.
     #[inline(never)]
     pub fn private_expedited() {
-        let r = call(PRIVATE_EXPEDITED);
-        assert_eq!(r, 0, "membarrier: {}", std::io::Error::last_os_error());
+        assert!(
+            srcu::__private::bare_membarrier(),
+            "membarrier: {}",
+            std::io::Error::last_os_error()
+        );
     }
 
     /// Wall-clock ns of `reps` single calls (as the grace periods are

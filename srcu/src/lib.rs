@@ -163,6 +163,13 @@ pub mod __private {
         }
     }
 
+    /// One bare `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`, the call a
+    /// fast grace period makes three of (bench-report's physical floor).
+    /// False if the process could not register for it or the call failed.
+    pub fn bare_membarrier() -> bool {
+        crate::membarrier::register() && crate::membarrier::bare()
+    }
+
     /// True if both indices are balanced (no lost increment).
     pub fn balanced<F: Flavor>(srcu: &Srcu<F>) -> bool {
         srcu.readers() == 0

@@ -47,6 +47,11 @@ mod imp {
         })
     }
 
+    /// One bare call, no fallback, no fault injection: true if it worked.
+    pub(crate) fn bare() -> bool {
+        membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED) == 0
+    }
+
     /// Fault injection for tests: the next `n` calls fail as if a seccomp
     /// filter returned `EPERM`.
     pub(crate) static INJECT_FAILURES: AtomicU64 = AtomicU64::new(0);
@@ -177,8 +182,11 @@ mod imp {
         crate::sync::fence(core::sync::atomic::Ordering::SeqCst);
         false
     }
+    pub(crate) fn bare() -> bool {
+        false
+    }
 }
 
 #[cfg(all(target_os = "linux", not(loom)))]
 pub(crate) use imp::INJECT_FAILURES;
-pub(crate) use imp::{heavy_barrier, register};
+pub(crate) use imp::{bare, heavy_barrier, register};

@@ -80,21 +80,32 @@ fn check(obj: &Obj, started_at: u64, stats: &Stats) {
     }
 }
 
-fn torture<F: Flavor>(name: &str, force_atomic: bool) {
-    let srcu: Srcu<F> = Srcu::<F>::builder()
+/// A domain for a torture phase, and a fresh object maker. A stall of 20 s
+/// (a lost counter update or a missed wake-up) ends the process: a panic in
+/// the callback worker's grace period would be survived and retried, which
+/// would hang the test instead of failing it.
+fn torture_domain<F: Flavor>(name: &'static str, force_atomic: bool) -> Srcu<F> {
+    Srcu::<F>::builder()
         .force_atomic_counters(force_atomic)
         .stall_timeout(Duration::from_secs(20))
-        .on_stall(|r| {
-            eprintln!("torture: {r}: a lost counter update or a missed wake-up");
+        .on_stall(move |r| {
+            eprintln!("torture {name}: {r}: a lost counter update or a missed wake-up");
             std::process::exit(101);
         })
-        .build();
-    let lock = UpdateLock::new(0u64);
-    let new_obj = |seq| Obj {
+        .build()
+}
+
+fn new_obj(seq: u64) -> Obj {
+    Obj {
         canary: AtomicU64::new(LIVE),
         seq,
         removed_at: AtomicU64::new(NOT_REMOVED),
-    };
+    }
+}
+
+fn torture<F: Flavor>(name: &'static str, force_atomic: bool) {
+    let srcu: Srcu<F> = torture_domain(name, force_atomic);
+    let lock = UpdateLock::new(0u64);
     let cell = SrcuCell::new(&srcu, &lock, Some(new_obj(0)));
     let stats = Stats::default();
     let stop = AtomicBool::new(false);
@@ -316,23 +327,9 @@ fn counters_exact_under_preemption_fast() {
 /// Freed objects are poisoned and kept (a graveyard), not returned to the
 /// allocator, so a premature free is seen as poison deterministically
 /// rather than through undefined behaviour.
-fn max_rate<F: Flavor>(name: &str, force_atomic: bool) {
-    let srcu: Srcu<F> = Srcu::<F>::builder()
-        .force_atomic_counters(force_atomic)
-        .stall_timeout(Duration::from_secs(20))
-        .on_stall(|r| {
-            // Exit, not panic: a panic in the callback worker's grace
-            // period is survived and retried, which would hang the test.
-            eprintln!("max-rate torture: {r}: a lost counter update or a missed wake-up");
-            std::process::exit(101);
-        })
-        .build();
+fn max_rate<F: Flavor>(name: &'static str, force_atomic: bool) {
+    let srcu: Srcu<F> = torture_domain(name, force_atomic);
     let lock = UpdateLock::new(0u64);
-    let new_obj = |seq| Obj {
-        canary: AtomicU64::new(LIVE),
-        seq,
-        removed_at: AtomicU64::new(NOT_REMOVED),
-    };
     let cell = SrcuCell::new(&srcu, &lock, Some(new_obj(0)));
     let poisoned = AtomicU64::new(0);
     let sections = AtomicU64::new(0);
