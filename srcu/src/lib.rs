@@ -2,9 +2,9 @@
 //!
 //! Readers enter a section with [`Srcu::read_lock`], which costs two
 //! non-locked per-CPU adds in restartable sequences and no fence in the
-//! [`Fast`] flavor (5.6 ns for `read_lock` + drop on a 2-vCPU Xeon VM,
+//! [`Fast`] flavor (3.7 ns for `read_lock` + drop on a 2-vCPU Xeon VM,
 //! within 1.2x of the two bare adds), and one locked add plus one
-//! non-locked add in the [`Classic`] flavor (10.3 ns there), and may block
+//! non-locked add in the [`Classic`] flavor (11.0 ns there), and may block
 //! or sleep inside it. Updaters unpublish data and wait
 //! for pre-existing readers with [`Srcu::synchronize`], or defer the free with
 //! [`Srcu::call_srcu`]. This is the design of Linux's `kernel/rcu/srcutree.c`
