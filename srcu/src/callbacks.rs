@@ -107,6 +107,9 @@ impl Callbacks {
         let mut st = self.state.lock();
         st.shutdown = true;
         let alive = st.worker_alive();
+        if st.worker_started && !alive {
+            forget_parent_worker(&mut st);
+        }
         self.work.notify_all();
         drop(st);
         let handle = self.worker.lock().take();
@@ -146,9 +149,7 @@ fn wake_locked(inner: &Arc<Inner>, st: &mut State) {
     }
     if st.worker_started && !st.worker_alive() {
         // Forked child: the worker stayed in the parent. Start another.
-        st.worker_started = false;
-        st.worker_idle = false;
-        st.worker_napping = false;
+        forget_parent_worker(st);
         if let Some(h) = inner.cbs.worker.lock().take() {
             core::mem::forget(h);
         }
@@ -175,6 +176,17 @@ fn wake_locked(inner: &Arc<Inner>, st: &mut State) {
     } else if st.worker_idle || (st.worker_napping && st.hurry > 0) {
         inner.cbs.work.notify_all();
     }
+}
+
+/// In a forked child: the parent's worker does not exist here. A batch it
+/// had taken at the moment of the fork lives on that worker's stack, in
+/// the parent, which runs it; the child gives it up (it counts as done, or
+/// `barrier` would wait for it forever) and keeps everything still queued.
+fn forget_parent_worker(st: &mut State) {
+    st.worker_started = false;
+    st.worker_idle = false;
+    st.worker_napping = false;
+    st.done = st.queued - st.queue.len() as u64;
 }
 
 fn worker(inner: Arc<Inner>) {

@@ -293,8 +293,14 @@ impl<F: Flavor> Drop for Srcu<F> {
         // worker has drained the queue nothing can be left waiting.
         self.inner.cbs.shutdown(&self.inner);
         // No guard can outlive the handle, so no thread counts a section in
-        // this slot any more.
+        // this slot any more, unless a guard was leaked (`mem::forget`):
+        // then some thread's count for the slot stays up for good, and a
+        // later domain given the slot would see a section it does not have.
+        // A leaked section also shows in the counters; such a slot is
+        // retired instead of reused.
         let slot = self.inner.held_slot.swap(crate::held::UNTRACKED, Relaxed);
-        crate::held::free_slot(slot);
+        if self.readers() == 0 {
+            crate::held::free_slot(slot);
+        }
     }
 }

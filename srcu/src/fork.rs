@@ -5,6 +5,17 @@
 //! recorded under an older generation is treated as gone and replaced (the
 //! worker is started again, another caller drives).
 //!
+//! What the child gives up, and what it cannot survive:
+//!
+//! * a callback batch the parent's worker had taken when it forked: it runs
+//!   in the parent; the child counts it as done, runs everything still
+//!   queued, and `barrier` does not wait for the parent's batch;
+//! * a read section held by another thread of the parent at the moment of
+//!   the fork: its lock increment is copied into the child, where no thread
+//!   will ever unlock it, so every grace period of that domain in the child
+//!   waits forever (the stall hook reports it). Fork with no read section
+//!   open on other threads, or do not use the domain in the child.
+//!
 //! The `prepare` handler takes every live domain's internal mutexes before
 //! the fork (and the `parent`/`child` handlers release them), so the child
 //! never inherits one locked by a thread it does not have. What remains

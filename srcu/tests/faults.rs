@@ -431,3 +431,20 @@ fn stale_of_a_dropped_domain_is_complete() {
     assert!(old.is_complete());
     assert_eq!(*old.synchronize(), 5);
 }
+
+/// A guard leaked with `mem::forget` keeps its thread's count for the
+/// domain's tracking slot up for good; a later domain must not inherit it.
+/// (Slots are reused last-freed first, so without the fix `b` would get
+/// `a`'s slot. Each round retires one of the 255 slots for good, so only a
+/// few rounds: other tests of this binary need tracked domains.)
+#[test]
+fn leaked_guard_does_not_poison_later_domains() {
+    for _ in 0..3 {
+        let a = Srcu::new();
+        std::mem::forget(a.read_lock());
+        drop(a);
+        let b = Srcu::new();
+        assert!(!b.in_read_section());
+        b.synchronize();
+    }
+}

@@ -99,3 +99,48 @@ fn fork_while_the_worker_is_busy() {
     }
     srcu.barrier();
 }
+
+/// The parent's worker is inside a callback at the moment of the fork: the
+/// batch it took lives on its stack, in the parent. The child must not wait
+/// for it (`barrier` would hang): it gives it up and runs its own.
+#[test]
+fn fork_while_the_worker_runs_a_callback() {
+    let _one = FORKING.lock().unwrap_or_else(|e| e.into_inner());
+    let srcu = Srcu::new();
+    let (inside_tx, inside_rx) = std::sync::mpsc::channel::<()>();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    srcu.call_srcu(move || {
+        inside_tx.send(()).unwrap();
+        let _ = release_rx.recv();
+    });
+    srcu.call_srcu(|| {}); // queued behind the running batch or with it
+    inside_rx.recv().unwrap();
+    // SAFETY: as above; the child only uses the domain and _exits.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        // SAFETY: alarm has no preconditions.
+        unsafe { libc::alarm(20) };
+        let ran = Arc::new(AtomicBool::new(false));
+        let r = ran.clone();
+        srcu.call_srcu(move || r.store(true, SeqCst));
+        srcu.barrier();
+        let code = if ran.load(SeqCst) && srcu.pending_callbacks() == 0 {
+            0
+        } else {
+            1
+        };
+        // SAFETY: ends the child at once.
+        unsafe { libc::_exit(code) };
+    }
+    release_tx.send(()).unwrap();
+    let mut status = 0;
+    // SAFETY: waits for our own child.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "child failed or hung (status {status:#x})"
+    );
+    srcu.barrier();
+    assert_eq!(srcu.pending_callbacks(), 0);
+}
