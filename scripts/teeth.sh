@@ -19,7 +19,7 @@ set -u
 cd "$(dirname "$0")/.."
 removals=("$@")
 [ ${#removals[@]} -eq 0 ] && removals=(a b c d scan1 membarrier rseq_restart rseq_wide)
-export SRCU_LITMUS_ITERS=${SRCU_LITMUS_ITERS:-400000}
+export SRCU_LITMUS_ITERS=${SRCU_LITMUS_ITERS:-4000000}
 export SRCU_TORTURE_SECS=${SRCU_TORTURE_SECS:-1}
 summary=()
 run() { # name, logfile, command...
