@@ -84,37 +84,78 @@ fn mmio_range(r: IoRange) -> MmioRange {
     MmioRange::new(MmioAddress(r.addr()), r.len()).expect("valid MmioRange")
 }
 
-/// `vm_device::device_manager::IoManager` in a `std::sync::RwLock`.
-#[derive(Default)]
-pub struct VmDeviceBus(pub RwLock<IoManager>);
+/// How a VMM shares vm-device's `IoManager` between vCPU threads: a
+/// `RwLock` (dispatch under the read lock) or a `Mutex` (rust-vmm's
+/// vmm-reference, `Arc<Mutex<IoManager>>`).
+pub trait SharedIoManager: Default + Send + Sync + 'static {
+    /// Key in JSON.
+    const KEY: &'static str;
+    /// Name for tables.
+    const LABEL: &'static str;
+    /// Runs `f` on the manager as a vCPU reaches it (read lock, or the
+    /// mutex), held across the device call.
+    fn shared<R>(&self, f: impl FnOnce(&IoManager) -> R) -> R;
+    /// Runs `f` on the manager as an updater reaches it (write lock, or the
+    /// mutex).
+    fn exclusive<R>(&self, f: impl FnOnce(&mut IoManager) -> R) -> R;
+}
 
-impl VmDeviceBus {
-    /// `register_mmio` under the write lock.
-    pub fn insert(&self, r: IoRange, dev: VmDev) {
-        self.0
-            .write()
-            .unwrap()
-            .register_mmio(mmio_range(r), dev)
-            .expect("register_mmio");
+impl SharedIoManager for RwLock<IoManager> {
+    const KEY: &'static str = "vm_device_iomanager";
+    const LABEL: &'static str = "vm-device IoManager in RwLock";
+    #[inline]
+    fn shared<R>(&self, f: impl FnOnce(&IoManager) -> R) -> R {
+        f(&self.read().unwrap())
     }
-
-    /// `deregister_mmio` under the write lock: waits for every access in
-    /// flight (they hold the read lock across the device call).
-    pub fn remove(&self, r: IoRange) -> Option<VmDev> {
-        let removed = self
-            .0
-            .write()
-            .unwrap()
-            .deregister_mmio(MmioAddress(r.addr()));
-        removed.map(|(_, d)| d)
+    fn exclusive<R>(&self, f: impl FnOnce(&mut IoManager) -> R) -> R {
+        f(&mut self.write().unwrap())
     }
 }
 
-impl DispatchBus for VmDeviceBus {
-    const KEY: &'static str = "vm_device_iomanager";
-    const LABEL: &'static str = "vm-device IoManager in RwLock";
+impl SharedIoManager for Mutex<IoManager> {
+    const KEY: &'static str = "vm_device_iomanager_mutex";
+    const LABEL: &'static str = "vm-device IoManager in Mutex";
+    #[inline]
+    fn shared<R>(&self, f: impl FnOnce(&IoManager) -> R) -> R {
+        f(&self.lock().unwrap())
+    }
+    fn exclusive<R>(&self, f: impl FnOnce(&mut IoManager) -> R) -> R {
+        f(&mut self.lock().unwrap())
+    }
+}
+
+/// `vm_device::device_manager::IoManager` shared as `L` says.
+#[derive(Default)]
+pub struct VmDeviceShared<L>(pub L);
+
+/// `IoManager` in a `std::sync::RwLock`.
+pub type VmDeviceBus = VmDeviceShared<RwLock<IoManager>>;
+
+/// `IoManager` in a `std::sync::Mutex`, as rust-vmm's vmm-reference shares
+/// it between vCPUs.
+pub type VmDeviceMutexBus = VmDeviceShared<Mutex<IoManager>>;
+
+impl<L: SharedIoManager> VmDeviceShared<L> {
+    /// `register_mmio` under the exclusive lock.
+    pub fn insert(&self, r: IoRange, dev: VmDev) {
+        self.0
+            .exclusive(|m| m.register_mmio(mmio_range(r), dev).expect("register_mmio"));
+    }
+
+    /// `deregister_mmio` under the exclusive lock: waits for every access
+    /// in flight (each holds the shared lock across the device call).
+    pub fn remove(&self, r: IoRange) -> Option<VmDev> {
+        self.0
+            .exclusive(|m| m.deregister_mmio(MmioAddress(r.addr())))
+            .map(|(_, d)| d)
+    }
+}
+
+impl<L: SharedIoManager> DispatchBus for VmDeviceShared<L> {
+    const KEY: &'static str = L::KEY;
+    const LABEL: &'static str = L::LABEL;
     fn with_devices(n: usize) -> Self {
-        let b = VmDeviceBus::default();
+        let b = Self::default();
         for i in 0..n {
             b.insert(range(i), Arc::new(Nop));
         }
@@ -123,10 +164,7 @@ impl DispatchBus for VmDeviceBus {
     #[inline]
     fn dispatch(&self, addr: u64, data: &[u8]) -> bool {
         self.0
-            .read()
-            .unwrap()
-            .mmio_write(MmioAddress(addr), data)
-            .is_ok()
+            .shared(|m| m.mmio_write(MmioAddress(addr), data).is_ok())
     }
 }
 
@@ -142,53 +180,6 @@ impl UpdatePeer for VmDeviceBus {
     }
     fn unregister(&self, r: IoRange) {
         self.remove(r).expect("deregister_mmio");
-    }
-}
-
-/// `vm_device::device_manager::IoManager` in a `std::sync::Mutex`, as
-/// rust-vmm's vmm-reference shares it between vCPUs.
-#[derive(Default)]
-pub struct VmDeviceMutexBus(pub Mutex<IoManager>);
-
-impl VmDeviceMutexBus {
-    /// `register_mmio` under the mutex.
-    pub fn insert(&self, r: IoRange, dev: VmDev) {
-        self.0
-            .lock()
-            .unwrap()
-            .register_mmio(mmio_range(r), dev)
-            .expect("register_mmio");
-    }
-
-    /// `deregister_mmio` under the mutex (which every access holds across
-    /// the device call).
-    pub fn remove(&self, r: IoRange) -> Option<VmDev> {
-        let removed = self
-            .0
-            .lock()
-            .unwrap()
-            .deregister_mmio(MmioAddress(r.addr()));
-        removed.map(|(_, d)| d)
-    }
-}
-
-impl DispatchBus for VmDeviceMutexBus {
-    const KEY: &'static str = "vm_device_iomanager_mutex";
-    const LABEL: &'static str = "vm-device IoManager in Mutex";
-    fn with_devices(n: usize) -> Self {
-        let b = VmDeviceMutexBus::default();
-        for i in 0..n {
-            b.insert(range(i), Arc::new(Nop));
-        }
-        b
-    }
-    #[inline]
-    fn dispatch(&self, addr: u64, data: &[u8]) -> bool {
-        self.0
-            .lock()
-            .unwrap()
-            .mmio_write(MmioAddress(addr), data)
-            .is_ok()
     }
 }
 
@@ -801,37 +792,27 @@ mod tests {
         assert_eq!(out, SAFE);
     }
 
+    fn vm_device_removal_is_safe<L: SharedIoManager>() {
+        let (probe, entered, release) = Probe::new();
+        let bus = VmDeviceShared::<L>::default();
+        bus.insert(R, Arc::new(ProbeDev(Arc::clone(&probe))));
+        let out = run(
+            &probe,
+            entered,
+            release,
+            || assert!(bus.dispatch(ADDR, &[1])),
+            || {
+                bus.remove(R).unwrap();
+            },
+            true,
+        );
+        assert_eq!(out, SAFE, "{}", L::LABEL);
+    }
+
     #[test]
     fn vm_device_iomanager_removal_is_safe() {
-        let (probe, entered, release) = Probe::new();
-        let bus = VmDeviceBus::default();
-        bus.insert(R, Arc::new(ProbeDev(Arc::clone(&probe))));
-        let out = run(
-            &probe,
-            entered,
-            release,
-            || assert!(bus.dispatch(ADDR, &[1])),
-            || {
-                bus.remove(R).unwrap();
-            },
-            true,
-        );
-        assert_eq!(out, SAFE);
-
-        let (probe, entered, release) = Probe::new();
-        let bus = VmDeviceMutexBus::default();
-        bus.insert(R, Arc::new(ProbeDev(Arc::clone(&probe))));
-        let out = run(
-            &probe,
-            entered,
-            release,
-            || assert!(bus.dispatch(ADDR, &[1])),
-            || {
-                bus.remove(R).unwrap();
-            },
-            true,
-        );
-        assert_eq!(out, SAFE);
+        vm_device_removal_is_safe::<RwLock<IoManager>>();
+        vm_device_removal_is_safe::<Mutex<IoManager>>();
     }
 
     #[test]
