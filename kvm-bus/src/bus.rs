@@ -625,7 +625,7 @@ impl fmt::Debug for IoBus {
 mod tests {
     use super::*;
     use crate::device::{Declined, WriteResult};
-    use crate::key_index::BLOCK;
+    use crate::key_index::{rng, BLOCK};
 
     /// `write_cookie` without the (never returned here) completion.
     fn wc(b: &IoBus, cookie: usize, addr: u64, data: &[u8]) -> Result<usize, BusError> {
@@ -875,13 +875,7 @@ mod tests {
     /// dispatch tries exactly the covering entries, in reverse table order.
     #[test]
     fn candidates_match_linear_scan() {
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut rnd = move |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+        let mut rnd = rng(0x2545_f491_4f6c_dd1d);
         for round in 0..400 {
             let n = rnd(20) as usize;
             let mut next_free = 0;
@@ -923,16 +917,6 @@ mod tests {
                     .collect();
                 assert_eq!(got, want, "addr {addr} last {last} bus {b:?}");
             }
-        }
-    }
-
-    /// xorshift64, fixed seed.
-    fn rng(mut seed: u64) -> impl FnMut(u64) -> u64 {
-        move |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
         }
     }
 

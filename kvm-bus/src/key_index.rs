@@ -238,19 +238,21 @@ impl core::ops::Deref for KeyIndex {
     }
 }
 
+/// For the tests of this module and of `bus.rs`: xorshift64 from a fixed
+/// seed, giving numbers below `n`.
+#[cfg(test)]
+pub(crate) fn rng(mut seed: u64) -> impl FnMut(u64) -> u64 {
+    move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// xorshift64, fixed seed.
-    fn rng(mut seed: u64) -> impl FnMut(u64) -> u64 {
-        move |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        }
-    }
 
     /// `count_le` against `partition_point` for every table size up to
     /// several tree levels (and some bigger ones): keys with many

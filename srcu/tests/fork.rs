@@ -1,61 +1,75 @@
 //! `fork()`: in the child, the callback worker and any grace-period driver
 //! of the parent do not exist. The child must still run its callbacks
 //! (a new worker), complete grace periods, and drop the domain cleanly.
-//! Tests in their own binary, run one at a time by the harness's lock
-//! below, so that no other test thread holds a lock (the allocator's, say)
-//! at the moment of a fork.
+//! Tests in their own binary, run one at a time by the lock below, so that
+//! no other test thread holds a lock (the allocator's, say) at the moment
+//! of a fork.
 #![cfg(all(unix, not(loom)))]
 
-use srcu::Srcu;
+use srcu::{Flavor, Srcu};
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::Arc;
 
 /// One forking test at a time.
 static FORKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-#[test]
-fn forked_child_runs_callbacks_and_grace_periods() {
-    let _one = FORKING.lock().unwrap_or_else(|e| e.into_inner());
-    let srcu = Srcu::new_fast();
-    srcu.call_srcu(|| {});
-    srcu.barrier(); // the worker exists in the parent
-    assert_eq!(srcu.stats().worker_starts, 1);
-    // SAFETY: fork in a test binary with a single test; the child only
-    // uses the domain and exits with _exit.
+/// Forks; the child runs `child` and exits with 0 if it returned true (1
+/// if false or if it panicked; SIGALRM kills it if it hangs for 20 s). The
+/// parent asserts that the child exited with 0.
+fn in_forked_child(what: &str, child: impl FnOnce() -> bool) {
+    // SAFETY: fork in a test binary whose forking tests run one at a time;
+    // the child only uses srcu and leaves with _exit.
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0, "fork failed");
     if pid == 0 {
-        // Child: if anything hangs, SIGALRM kills it and the parent fails.
         // SAFETY: alarm has no preconditions.
         unsafe { libc::alarm(20) };
-        let ran = Arc::new(AtomicBool::new(false));
-        let r = ran.clone();
-        srcu.call_srcu(move || r.store(true, SeqCst));
-        srcu.barrier();
-        srcu.synchronize();
-        let ok = ran.load(SeqCst) && srcu.stats().worker_starts == 2;
-        let dropped = Arc::new(AtomicBool::new(false));
-        let d = dropped.clone();
-        srcu.call_srcu(move || d.store(true, SeqCst));
-        drop(srcu);
-        let code = if ok && dropped.load(SeqCst) { 0 } else { 1 };
-        // SAFETY: ends the child without running the parent's atexit state.
-        unsafe { libc::_exit(code) };
+        let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(child)).unwrap_or(false);
+        // SAFETY: ends the child at once, without the parent's atexit state.
+        unsafe { libc::_exit(if ok { 0 } else { 1 }) };
     }
     let mut status = 0;
     // SAFETY: waits for our own child.
-    let r = unsafe { libc::waitpid(pid, &mut status, 0) };
-    assert_eq!(r, pid);
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
     assert!(
         libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "child failed or hung (status {status:#x})"
+        "{what}: child failed or hung (status {status:#x})"
     );
-    // The parent's domain is unaffected.
+}
+
+/// Queues a callback that sets a flag, waits for it with `barrier`, and
+/// says whether it ran.
+fn callback_runs<F: Flavor>(srcu: &Srcu<F>) -> bool {
     let ran = Arc::new(AtomicBool::new(false));
     let r = ran.clone();
     srcu.call_srcu(move || r.store(true, SeqCst));
     srcu.barrier();
-    assert!(ran.load(SeqCst));
+    ran.load(SeqCst)
+}
+
+#[test]
+fn forked_child_runs_callbacks_and_grace_periods() {
+    let _one = FORKING.lock().unwrap_or_else(|e| e.into_inner());
+    // An Option, so that the child can drop its copy of the domain.
+    let mut domain = Some(Srcu::new_fast());
+    let srcu = domain.as_ref().unwrap();
+    srcu.call_srcu(|| {});
+    srcu.barrier(); // the worker exists in the parent
+    assert_eq!(srcu.stats().worker_starts, 1);
+    in_forked_child("after a barrier", || {
+        let srcu = domain.take().unwrap();
+        let ran = callback_runs(&srcu);
+        srcu.synchronize();
+        let ok = ran && srcu.stats().worker_starts == 2;
+        let dropped = Arc::new(AtomicBool::new(false));
+        let d = dropped.clone();
+        srcu.call_srcu(move || d.store(true, SeqCst));
+        drop(srcu);
+        ok && dropped.load(SeqCst)
+    });
+    let srcu = domain.as_ref().unwrap();
+    // The parent's domain is unaffected.
+    assert!(callback_runs(srcu));
     assert_eq!(srcu.stats().worker_starts, 1);
 }
 
@@ -74,28 +88,11 @@ fn fork_while_the_worker_is_busy() {
         if round % 3 == 0 {
             srcu.synchronize();
         }
-        // SAFETY: as above; the child only uses the domain and _exits.
-        let pid = unsafe { libc::fork() };
-        assert!(pid >= 0, "fork failed");
-        if pid == 0 {
-            // SAFETY: alarm has no preconditions.
-            unsafe { libc::alarm(20) };
-            let ran = Arc::new(AtomicBool::new(false));
-            let r = ran.clone();
-            srcu.call_srcu(move || r.store(true, SeqCst));
-            srcu.barrier();
+        in_forked_child(&format!("round {round}"), || {
+            let ran = callback_runs(&srcu);
             srcu.synchronize_expedited();
-            let code = if ran.load(SeqCst) { 0 } else { 1 };
-            // SAFETY: ends the child at once.
-            unsafe { libc::_exit(code) };
-        }
-        let mut status = 0;
-        // SAFETY: waits for our own child.
-        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-        assert!(
-            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-            "round {round}: child failed or hung (status {status:#x})"
-        );
+            ran
+        });
     }
     srcu.barrier();
 }
@@ -115,32 +112,10 @@ fn fork_while_the_worker_runs_a_callback() {
     });
     srcu.call_srcu(|| {}); // queued behind the running batch or with it
     inside_rx.recv().unwrap();
-    // SAFETY: as above; the child only uses the domain and _exits.
-    let pid = unsafe { libc::fork() };
-    assert!(pid >= 0, "fork failed");
-    if pid == 0 {
-        // SAFETY: alarm has no preconditions.
-        unsafe { libc::alarm(20) };
-        let ran = Arc::new(AtomicBool::new(false));
-        let r = ran.clone();
-        srcu.call_srcu(move || r.store(true, SeqCst));
-        srcu.barrier();
-        let code = if ran.load(SeqCst) && srcu.pending_callbacks() == 0 {
-            0
-        } else {
-            1
-        };
-        // SAFETY: ends the child at once.
-        unsafe { libc::_exit(code) };
-    }
+    in_forked_child("worker inside a callback", || {
+        callback_runs(&srcu) && srcu.pending_callbacks() == 0
+    });
     release_tx.send(()).unwrap();
-    let mut status = 0;
-    // SAFETY: waits for our own child.
-    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-    assert!(
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "child failed or hung (status {status:#x})"
-    );
     srcu.barrier();
     assert_eq!(srcu.pending_callbacks(), 0);
 }
