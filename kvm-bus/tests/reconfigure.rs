@@ -480,3 +480,62 @@ fn removal_polls_notifies_and_refuses_to_wait_inside_a_section() {
     assert!(ran.load(SeqCst));
     assert_eq!(Arc::strong_count(&d), 1);
 }
+
+/// A panic in the middle of a blocking unregister (here: the stall hook,
+/// while the unregister waits for a reader with the slots lock released)
+/// leaves the buses working: the guard is locked again, the device stays
+/// unpublished, and the buses' references are released after a grace
+/// period anyway.
+#[test]
+fn panic_during_unregister_wait_leaves_the_buses_working() {
+    let armed = Arc::new(AtomicBool::new(true));
+    let a2 = armed.clone();
+    let srcu = kvm_bus::Srcu::<Classic>::builder()
+        .stall_timeout(Duration::from_millis(5))
+        .on_stall(move |r| {
+            if a2.swap(false, SeqCst) {
+                panic!("injected stall-hook panic: {r}");
+            }
+        })
+        .build();
+    let buses = Buses::with_srcu(srcu, 16);
+    let dev = Probe::new(1);
+    let d: Arc<dyn IoDevice> = dev.clone();
+    buses
+        .register_dev(&mut buses.lock_slots(), BusKind::Pio, r(0x70, 2), d.clone())
+        .unwrap();
+    let (entered_tx, entered_rx) = mpsc::channel();
+    let (leave_tx, leave_rx) = mpsc::channel::<()>();
+    std::thread::scope(|s| {
+        let buses = &buses;
+        s.spawn(move || {
+            let g = buses.read_lock();
+            entered_tx.send(()).unwrap();
+            let _ = leave_rx.recv();
+            drop(g);
+        });
+        entered_rx.recv().unwrap();
+        let mut slots = buses.lock_slots();
+        let err = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            buses.unregister_dev(&mut slots, BusKind::Pio, &d)
+        }));
+        assert!(err.is_err(), "the stall hook's panic propagates");
+        // The guard is locked again and sees the device gone.
+        assert!(buses.get_bus(&slots, BusKind::Pio).is_empty());
+        drop(slots);
+        leave_tx.send(()).unwrap();
+    });
+    assert!(!armed.load(SeqCst));
+    // Nothing is lost: the removal completes in the background.
+    buses.srcu().barrier();
+    assert_eq!(Arc::strong_count(&dev), 2, "only `d` and `dev` remain");
+    // And the buses go on.
+    buses
+        .register_dev(&mut buses.lock_slots(), BusKind::Pio, r(0x70, 2), d.clone())
+        .unwrap();
+    assert_eq!(read_tag(&buses, BusKind::Pio, 0x70), Some(1));
+    buses
+        .unregister_dev(&mut buses.lock_slots(), BusKind::Pio, &d)
+        .unwrap();
+    assert_eq!(Arc::strong_count(&dev), 2);
+}

@@ -448,3 +448,20 @@ fn leaked_guard_does_not_poison_later_domains() {
         b.synchronize();
     }
 }
+
+/// A panic inside `UpdateGuard::unlocked` relocks the guard: the caller
+/// that catches it still holds the lock, and dropping the guard releases it.
+#[test]
+fn panic_inside_unlocked_relocks() {
+    let lock = UpdateLock::new(1u32);
+    let mut g = lock.lock();
+    let r = catch_unwind(AssertUnwindSafe(|| {
+        g.unlocked(|| panic!("injected panic while unlocked"));
+    }));
+    assert!(r.is_err());
+    // Deref succeeds only if the guard took the lock again (it holds a
+    // mutex guard again; otherwise it would panic here).
+    *g += 1;
+    drop(g);
+    assert_eq!(*lock.lock(), 2);
+}
