@@ -232,6 +232,17 @@ impl IoBus {
             .map(|(_, e)| e.range)
     }
 
+    /// On a bus without overlapping ranges, the one entry that can contain
+    /// `[addr, last]`: the last one starting at or before `addr`, if it
+    /// reaches `last`. One index lookup and one compare, no loop.
+    #[inline(always)]
+    fn only_candidate(&self, addr: u64, last: u64) -> Option<(usize, &Entry)> {
+        debug_assert!(!self.overlapping);
+        let i = self.starts.count_le(addr).checked_sub(1)?;
+        let e = self.entries.get(i)?;
+        (e.range.last() >= last).then_some((i, e))
+    }
+
     /// Indices of the entries whose range contains `[addr, last]`, in
     /// dispatch order: *reverse* table order, i.e. most specific first (see
     /// the type docs). Entries `[0, hi)` start at or before `addr`; entries
@@ -308,7 +319,10 @@ impl IoBus {
     ) -> Result<(), BusError> {
         let len = data.len();
         let last = Self::check_access(addr, len)?;
-        for (i, e) in self.candidates(addr, last) {
+        if self.overlapping {
+            return self.read_overlapping(vcpu, addr, last, data, calling);
+        }
+        if let Some((i, e)) = self.only_candidate(addr, last) {
             calling(i);
             let r = e.dev.get().read(e.access(addr, vcpu), data);
             calling(NOT_CALLING);
@@ -317,6 +331,32 @@ impl IoBus {
             }
         }
         Err(BusError::Unhandled { addr, len })
+    }
+
+    /// [`read_with`](IoBus::read_with) on a bus with overlapping ranges:
+    /// every candidate, most specific first. Out of line, so that the
+    /// common dispatch (no overlaps) stays small.
+    #[inline(never)]
+    fn read_overlapping(
+        &self,
+        vcpu: Option<u32>,
+        addr: u64,
+        last: u64,
+        data: &mut [u8],
+        mut calling: impl FnMut(usize),
+    ) -> Result<(), BusError> {
+        for (i, e) in self.candidates(addr, last) {
+            calling(i);
+            let r = e.dev.get().read(e.access(addr, vcpu), data);
+            calling(NOT_CALLING);
+            if r.is_ok() {
+                return Ok(());
+            }
+        }
+        Err(BusError::Unhandled {
+            addr,
+            len: data.len(),
+        })
     }
 
     /// Dispatches a write of `data` at `addr` to the first device that
@@ -440,6 +480,33 @@ impl IoBus {
     ) -> Result<(usize, Option<Completion>), BusError> {
         let len = data.len();
         let last = Self::check_access(addr, len)?;
+        if cookie != usize::MAX || self.overlapping {
+            return self.write_searching(vcpu, cookie, addr, last, data, calling);
+        }
+        if let Some((i, e)) = self.only_candidate(addr, last) {
+            calling(i);
+            let r = e.dev.get().write(e.access(addr, vcpu), data);
+            calling(NOT_CALLING);
+            if let Ok(done) = r {
+                return Ok((i, done));
+            }
+        }
+        Err(BusError::Unhandled { addr, len })
+    }
+
+    /// [`write_from`](IoBus::write_from) with a cookie to try first, or on
+    /// a bus with overlapping ranges (every candidate, most specific
+    /// first). Out of line, so that the common dispatch stays small.
+    #[inline(never)]
+    fn write_searching(
+        &self,
+        vcpu: Option<u32>,
+        cookie: usize,
+        addr: u64,
+        last: u64,
+        data: &[u8],
+        mut calling: impl FnMut(usize),
+    ) -> Result<(usize, Option<Completion>), BusError> {
         let mut try_entry = |i: usize, e: &Entry| {
             calling(i);
             let r = e.dev.get().write(e.access(addr, vcpu), data);
@@ -460,7 +527,10 @@ impl IoBus {
                 }
             }
         }
-        Err(BusError::Unhandled { addr, len })
+        Err(BusError::Unhandled {
+            addr,
+            len: data.len(),
+        })
     }
 
     /// Entry `i`: its range and device (the exit adapter names the device
@@ -916,6 +986,10 @@ mod tests {
                     .map(|(i, _)| i)
                     .collect();
                 assert_eq!(got, want, "addr {addr} last {last} bus {b:?}");
+                if !b.overlapping {
+                    let only = b.only_candidate(addr, last).map(|(i, _)| i);
+                    assert_eq!(only, want.first().copied(), "addr {addr} last {last}");
+                }
             }
         }
     }
@@ -997,6 +1071,10 @@ mod tests {
                     .map(|(i, _)| i)
                     .collect();
                 assert_eq!(got, want, "round {round} addr {addr:#x} last {last:#x}");
+                if !b.overlapping {
+                    let only = b.only_candidate(addr, last).map(|(i, _)| i);
+                    assert_eq!(only, want.first().copied(), "round {round} addr {addr:#x}");
+                }
             }
         }
     }

@@ -20,19 +20,21 @@ const MAX_DEPTH: usize = 21;
 /// one-line steps otherwise. Both are branchless; the branches on `x` only
 /// pick the path (constant for a table whose buckets are all of one kind).
 ///
-/// * **Buckets** (tables of more than [`BLOCK`] keys): the keys' span cut
+/// * **Buckets** (every non-empty table): the keys' span cut
 ///   into at most `n.next_power_of_two()` buckets of `1 << shift`
 ///   addresses, with the number of keys before each. If the bucket of `x`
 ///   holds at most `BLOCK` keys, the answer is that number plus the count
 ///   of keys `<= x` among the `BLOCK` keys from there (the keys past the
-///   bucket are greater than `x`).
+///   bucket are greater than `x`); if no bucket of the table holds more
+///   than one key (evenly spaced devices: the common bus), among the one
+///   key from there: one compare, whatever the table's size.
 /// * Otherwise (clustered keys, a far outlier), **a static B+ tree**, in
 ///   one allocation, top level first: the bottom level is the keys, padded
 ///   with `u64::MAX` to whole blocks (plus one block, for the bucket
 ///   count); the level above a padded level of `b` blocks holds the last
 ///   key of each of its first `b - 1` blocks, padded the same way; levels
-///   are added until one has at most `BLOCK` keys: the top, binary-searched
-///   over its keys only (one compare for one device). Every level starts
+///   are added until one has at most `BLOCK` keys: the top, counted as a
+///   block like the others (its padding is greater than `x`). Every level starts
 ///   64-byte aligned, so a block is one cache line, counted with eight
 ///   independent loads and compares.
 ///
@@ -44,15 +46,14 @@ const MAX_DEPTH: usize = 21;
 /// last one. So the keys `<= x` below are the `BLOCK * c` of blocks `0..c`
 /// and those of block `c`.
 pub(crate) struct KeyIndex {
-    /// One allocation: the tree levels, top first (`buf[top..top +
-    /// top_len]`, then level `k + 1` from `buf[levels_at + k]`, the bottom
+    /// One allocation: the tree levels, top first (one block from
+    /// `buf[top]`, then level `k + 1` from `buf[levels_at + k]`, the bottom
     /// one at `bottom`) and a block of padding; the start of each level
     /// below the top (`depth` of them); the bucket table (`buckets + 1`
     /// entries from `first_at`: the number of keys before bucket `b`, then
     /// `len`).
     buf: Vec<u64>,
     top: usize,
-    top_len: usize,
     depth: usize,
     levels_at: usize,
     bottom: usize,
@@ -65,13 +66,18 @@ pub(crate) struct KeyIndex {
     first_at: usize,
     /// Number of buckets; 0: none.
     buckets: usize,
+    /// How a lookup counts inside its bucket, decided once per table from
+    /// its fullest bucket (so the branch on it is always predicted): `1`
+    /// (every bucket holds at most one key: one compare), [`BLOCK`] (at
+    /// most a block: one line of compares), `0` (some bucket holds more:
+    /// check the bucket, and search the tree if it is crowded).
+    bucket_width: usize,
 }
 
 impl KeyIndex {
     pub(crate) const EMPTY: KeyIndex = KeyIndex {
         buf: Vec::new(),
         top: 0,
-        top_len: 0,
         depth: 0,
         levels_at: 0,
         bottom: 0,
@@ -80,6 +86,7 @@ impl KeyIndex {
         shift: 0,
         first_at: 0,
         buckets: 0,
+        bucket_width: 0,
     };
 
     /// The index of the keys of `items`, which are in key order.
@@ -103,17 +110,13 @@ impl KeyIndex {
         let (base, span) = (key(&items[0]), key(&items[n - 1]) - key(&items[0]));
         let most = n.next_power_of_two();
         let shift = (u64::BITS - span.leading_zeros()).saturating_sub(most.trailing_zeros());
-        let buckets = if n > BLOCK {
-            (span >> shift) as usize + 1
-        } else {
-            0
-        };
+        let buckets = (span >> shift) as usize + 1;
         let tree = sizes[..=depth]
             .iter()
             .map(|m| m.next_multiple_of(BLOCK))
             .sum::<usize>()
             + BLOCK;
-        let total = tree + depth + if buckets > 0 { buckets + 1 } else { 0 };
+        let total = tree + depth + buckets + 1;
         // Pads the front to the first 64-byte boundary (`with_capacity`
         // left room for it: `buf` does not move while it is filled).
         let mut buf: Vec<u64> = Vec::with_capacity(total + BLOCK - 1);
@@ -139,19 +142,26 @@ impl KeyIndex {
         let levels_at = buf.len();
         buf.extend_from_slice(&levels[..depth]);
         let first_at = buf.len();
-        if buckets > 0 {
-            for (j, item) in items.iter().enumerate() {
-                let b = ((key(item) - base) >> shift) as usize;
-                while buf.len() - first_at <= b {
-                    buf.push(j as u64);
-                }
+        for (j, item) in items.iter().enumerate() {
+            let b = ((key(item) - base) >> shift) as usize;
+            while buf.len() - first_at <= b {
+                buf.push(j as u64);
             }
-            buf.push(n as u64);
         }
+        buf.push(n as u64);
+        let fullest = buf[first_at..]
+            .windows(2)
+            .map(|w| (w[1] - w[0]) as usize)
+            .max()
+            .unwrap_or(0);
+        let bucket_width = match fullest {
+            0 | 1 => 1,
+            2..=BLOCK => BLOCK,
+            _ => 0,
+        };
         debug_assert_eq!(buf.len(), front + total);
         KeyIndex {
             top: front,
-            top_len: sizes[depth],
             depth,
             levels_at,
             bottom: if depth == 0 {
@@ -164,6 +174,7 @@ impl KeyIndex {
             shift,
             first_at,
             buckets,
+            bucket_width,
             buf,
         }
     }
@@ -179,6 +190,10 @@ impl KeyIndex {
     }
 
     /// Number of keys `<= x` (`partition_point(|&k| k <= x)`).
+    ///
+    /// For a table of evenly spread keys (every bucket holds at most one):
+    /// two dependent loads (the bucket's count, the key it points at) and
+    /// one compare; the branches test values fixed per table.
     #[inline(always)]
     pub(crate) fn count_le(&self, x: u64) -> usize {
         if x == u64::MAX {
@@ -192,16 +207,49 @@ impl KeyIndex {
             if b >= self.buckets as u64 {
                 return self.len;
             }
-            let b = self.first_at + b as usize;
-            let (before, end) = (self.buf[b] as usize, self.buf[b + 1] as usize);
-            if end - before <= BLOCK {
-                let window: &[u64; BLOCK] = self.buf[self.bottom + before..]
-                    .first_chunk()
-                    .expect("the bottom level is followed by a block of padding");
-                return before + Self::count_block(window, x);
+            let at = self.first_at + b as usize;
+            // SAFETY: `b < buckets`, and the bucket table is the `buckets +
+            // 1` words from `first_at` (`new`), so `at` and `at + 1` are
+            // inside `buf`.
+            let (before, end) = unsafe {
+                (
+                    *self.buf.get_unchecked(at) as usize,
+                    *self.buf.get_unchecked(at + 1) as usize,
+                )
+            };
+            // The keys from `before` on: those of bucket `b`, then greater
+            // ones (later buckets, then padding, all `> x`).
+            //
+            // SAFETY: `before <= len`, and the bottom level (`len` keys
+            // from `bottom`) is followed by at least a block of padding
+            // inside `buf` (`new`): `bottom + before + BLOCK <= buf.len()`.
+            let keys = unsafe { self.buf.as_ptr().add(self.bottom + before) };
+            if self.bucket_width == 1 {
+                // At most one key of the bucket: it is the first one, if any.
+                // SAFETY: see `keys`.
+                return before + usize::from(unsafe { *keys } <= x);
+            }
+            if self.bucket_width == BLOCK || end - before <= BLOCK {
+                // SAFETY: see `keys`: a whole block is in bounds (and
+                // `u64`-aligned, from a `Vec<u64>`).
+                return before + Self::count_block(unsafe { &*keys.cast::<[u64; BLOCK]>() }, x);
             }
         }
-        let mut i = self.buf[self.top..self.top + self.top_len].partition_point(|&k| k <= x);
+        self.count_le_in_tree(x)
+    }
+
+    /// [`count_le`](KeyIndex::count_le) through the tree: tables with a
+    /// crowded bucket (and the empty one). Out of line, so that the bucket
+    /// path inlined into dispatch keeps few registers live.
+    #[inline(never)]
+    fn count_le_in_tree(&self, x: u64) -> usize {
+        if self.len == 0 {
+            return 0;
+        }
+        let top: &[u64; BLOCK] = self.buf[self.top..]
+            .first_chunk()
+            .expect("the top level is padded to a whole block");
+        let mut i = Self::count_block(top, x);
         for &level in &self.buf[self.levels_at..self.levels_at + self.depth] {
             let block: &[u64; BLOCK] = self.buf[level as usize + i * BLOCK..]
                 .first_chunk()
@@ -264,6 +312,7 @@ mod tests {
     fn key_index_counts_like_partition_point() {
         let mut rnd = rng(0x9e37_79b9_7f4a_7c15);
         let sizes = (0..=600).chain([1000, 4095, 4096, 4097, 5000, 33000]);
+        let mut widths_seen = [0usize; BLOCK + 1];
         for (round, n) in sizes.enumerate() {
             let layout = round % 6;
             let (start, stride) = (rnd(1 << 40), 1 + rnd(0x1_0000));
@@ -286,6 +335,18 @@ mod tests {
             keys.sort_unstable();
             let t = KeyIndex::new(&keys, |&k| k);
             assert_eq!(&*t, &keys[..], "deref gives the keys back");
+            widths_seen[t.bucket_width] += 1;
+            let fullest = t.fullest_bucket();
+            let width_fits = match t.bucket_width {
+                1 => fullest <= 1,
+                BLOCK => (2..=BLOCK).contains(&fullest),
+                _ => fullest > BLOCK || n == 0,
+            };
+            assert!(
+                width_fits,
+                "n {n}: width {} fullest {fullest}",
+                t.bucket_width
+            );
             #[cfg(not(miri))]
             if n > 0 {
                 assert_eq!(t.buf[t.top..].as_ptr() as usize % 64, 0, "n {n}: aligned");
@@ -314,6 +375,10 @@ mod tests {
                     "n {n} layout {layout} x {x:#x}"
                 );
             }
+        }
+        // All three lookups ran: one compare, one block, the tree.
+        for width in [0, 1, BLOCK] {
+            assert!(widths_seen[width] > 50, "width {width}: {widths_seen:?}");
         }
     }
 }
