@@ -117,43 +117,52 @@ impl KeyIndex {
             .sum::<usize>()
             + BLOCK;
         let total = tree + depth + buckets + 1;
-        // Pads the front to the first 64-byte boundary (`with_capacity`
-        // left room for it: `buf` does not move while it is filled).
+        // Pads the front to the first 64-byte boundary (the capacity
+        // leaves room for it; the buffer is filled in place, never moved).
         let mut buf: Vec<u64> = Vec::with_capacity(total + BLOCK - 1);
         let front = buf.as_ptr().align_offset(64).min(BLOCK - 1);
-        buf.resize(front, 0);
+        buf.resize(front + total, u64::MAX);
+        // The levels, top first, each padded to whole blocks (the padding
+        // is already there: `u64::MAX`), then a block of padding.
         let mut levels = [0; MAX_DEPTH];
+        let mut at = front;
         for k in (0..=depth).rev() {
             if k < depth {
-                levels[depth - 1 - k] = buf.len() as u64;
+                levels[depth - 1 - k] = at as u64;
             }
+            let level = &mut buf[at..at + sizes[k]];
             if k == 0 {
-                buf.extend(items.iter().map(&key));
+                for (slot, item) in level.iter_mut().zip(items) {
+                    *slot = key(item);
+                }
             } else {
                 let stride = BLOCK.pow(k as u32);
-                buf.extend((1..=sizes[k]).map(|j| key(&items[j * stride - 1])));
+                for (j, slot) in level.iter_mut().enumerate() {
+                    *slot = key(&items[(j + 1) * stride - 1]);
+                }
             }
-            buf.resize(
-                front + (buf.len() - front).next_multiple_of(BLOCK),
-                u64::MAX,
-            );
+            at += sizes[k].next_multiple_of(BLOCK);
         }
-        buf.resize(buf.len() + BLOCK, u64::MAX);
-        let levels_at = buf.len();
-        buf.extend_from_slice(&levels[..depth]);
-        let first_at = buf.len();
+        at += BLOCK;
+        let levels_at = at;
+        buf[at..at + depth].copy_from_slice(&levels[..depth]);
+        let first_at = at + depth;
+        // Bucket `b` gets the number of keys before it: the first key of a
+        // bucket fills the entries from the last filled one up to its own;
+        // the others count towards the fullest bucket.
+        let table = &mut buf[first_at..first_at + buckets + 1];
+        let (mut filled, mut fullest, mut run) = (0, 0, 0);
         for (j, item) in items.iter().enumerate() {
             let b = ((key(item) - base) >> shift) as usize;
-            while buf.len() - first_at <= b {
-                buf.push(j as u64);
+            if b < filled {
+                run += 1;
+            } else {
+                table[filled..=b].fill(j as u64);
+                (filled, run) = (b + 1, 1);
             }
+            fullest = fullest.max(run);
         }
-        buf.push(n as u64);
-        let fullest = buf[first_at..]
-            .windows(2)
-            .map(|w| (w[1] - w[0]) as usize)
-            .max()
-            .unwrap_or(0);
+        table[filled..].fill(n as u64);
         let bucket_width = match fullest {
             0 | 1 => 1,
             2..=BLOCK => BLOCK,
