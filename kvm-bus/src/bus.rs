@@ -167,17 +167,17 @@ impl IoBus {
         new.reverse();
         new.sort_by_key(|(r, _)| order_key(r)); // stable: reversed among equals
         let mut b = Builder::with_capacity(self.len() + new.len());
-        let mut old = self.entries.iter().peekable();
+        let mut done = 0;
         for (range, dev) in new.iter() {
-            while let Some(e) = old.next_if(|e| order_key(&e.range) < order_key(range)) {
-                b.push(e.range, e.dev.copy());
-            }
+            // The old entries that go before `range`: a run copied at once.
+            let at = done
+                + self.entries[done..].partition_point(|e| order_key(&e.range) < order_key(range));
+            b.extend_copied(&self.entries[done..at]);
+            done = at;
             // SAFETY: forwarded to the caller.
             b.push(*range, unsafe { DevRef::new(dev) });
         }
-        for e in old {
-            b.push(e.range, e.dev.copy());
-        }
+        b.extend_copied(&self.entries[done..]);
         b.finish()
     }
 
@@ -650,6 +650,33 @@ impl Builder {
         self.overlapping |= !self.entries.is_empty() && range.addr() <= self.max_last;
         self.max_last = self.max_last.max(range.last());
         self.entries.push(Entry { range, dev });
+    }
+
+    /// Pushes non-owning copies of `run` (entries of a table, in order,
+    /// that all go after what was pushed so far): one copy of the whole
+    /// run, and one pass for the overlap bookkeeping.
+    fn extend_copied(&mut self, run: &[Entry]) {
+        let mut first = self.entries.is_empty();
+        for e in run {
+            self.overlapping |= !first && e.range.addr() <= self.max_last;
+            self.max_last = self.max_last.max(e.range.last());
+            first = false;
+        }
+        debug_assert!(match (self.entries.last(), run.first()) {
+            (Some(a), Some(b)) => order_key(&a.range) <= order_key(&b.range),
+            _ => true,
+        });
+        self.entries.reserve(run.len());
+        // SAFETY: an `Entry` is a range and a `DevRef`, and a bitwise copy
+        // of a `DevRef` is what `DevRef::copy` makes (a non-owning copy
+        // backed by the same registry count); the destination has room for
+        // `run.len()` more entries (reserved above), which `set_len`
+        // then covers, initialised.
+        unsafe {
+            let end = self.entries.as_mut_ptr().add(self.entries.len());
+            core::ptr::copy_nonoverlapping(run.as_ptr(), end, run.len());
+            self.entries.set_len(self.entries.len() + run.len());
+        }
     }
 
     fn finish(self) -> IoBus {
