@@ -57,7 +57,11 @@ pub trait DispatchBus: Sync + 'static {
     const KEY: &'static str;
     /// Name for tables.
     const LABEL: &'static str;
-    /// A bus of `n` [`Nop`] devices at [`range`]`(0..n)`.
+    /// A bus of `n` [`Nop`] devices at [`range`]`(0..n)`, settled: the
+    /// work its construction left behind (kvm-bus: the deferred frees of
+    /// the `n` replaced tables, with their grace periods) is done, so that
+    /// it does not run on the other CPU, and for the fast flavor interrupt
+    /// this one with `membarrier`, while dispatch is timed.
     fn with_devices(n: usize) -> Self;
     /// One guest write: look the device up and call it.
     fn dispatch(&self, addr: u64, data: &[u8]) -> bool;
@@ -96,6 +100,7 @@ macro_rules! srcu_bus {
                     buses: Buses::<$flavor>::default(),
                 };
                 b.add(0, n);
+                b.buses.srcu().barrier();
                 b
             }
             #[inline]

@@ -1419,12 +1419,23 @@ pub const TARGETS: &[Target] = &[
     },
     // Physical floors: the fast read section against its two bare rseq
     // adds, an idle fast grace period against one bare membarrier.
-    Target {
-        lhs: "read_srcu_fast_ns",
-        rhs: Some("read_rseq_pair_floor_ns"),
-        factor: 1.3,
-        at_least: false,
-    },
+    // Issue "Performance at the floor", part 1: at 1 and 2 threads, the
+    // fast section <= 1.3 x its floor and <= 0.3 x crossbeam's pin.
+    le("read_srcu_fast_ns", "read_rseq_pair_floor_ns", 1.3),
+    le("read_srcu_fast_2t_ns", "read_rseq_pair_floor_2t_ns", 1.3),
+    le("read_srcu_fast_ns", "read_crossbeam_epoch_ns", 0.3),
+    le("read_srcu_fast_2t_ns", "read_crossbeam_epoch_2t_ns", 0.3),
+    // Part 4: ahead of RwLock<BTreeMap> on a 1000-device bus.
+    le(
+        "dispatch1000_srcu_ns",
+        "dispatch1000_rwlock_btreemap_ns",
+        0.7,
+    ),
+    le(
+        "dispatch1000_srcu_fast_ns",
+        "dispatch1000_rwlock_btreemap_ns",
+        0.7,
+    ),
     Target {
         lhs: "synchronize_fast_idle_ns",
         rhs: Some("membarrier_call_ns"),

@@ -309,7 +309,7 @@ impl IoBus {
     /// device is called and `calling(NOT_CALLING)` after it returns, so a
     /// caller that catches a panic knows which device it came from (the
     /// exit adapter). A no-op closure compiles to plain `read`.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn read_with(
         &self,
         vcpu: Option<u32>,
@@ -469,7 +469,7 @@ impl IoBus {
         self.write_from(None, cookie, addr, data, |_| ())
     }
 
-    #[inline]
+    #[inline(always)]
     fn write_from(
         &self,
         vcpu: Option<u32>,

@@ -208,47 +208,44 @@ impl KeyIndex {
         if x == u64::MAX {
             return self.len;
         }
-        if self.buckets > 0 {
-            let Some(offset) = x.checked_sub(self.base) else {
-                return 0;
-            };
-            let b = offset >> self.shift;
-            if b >= self.buckets as u64 {
-                return self.len;
-            }
-            let at = self.first_at + b as usize;
-            // SAFETY: `b < buckets`, and the bucket table is the `buckets +
-            // 1` words from `first_at` (`new`), so `at` and `at + 1` are
-            // inside `buf`.
-            let (before, end) = unsafe {
-                (
-                    *self.buf.get_unchecked(at) as usize,
-                    *self.buf.get_unchecked(at + 1) as usize,
-                )
-            };
-            // The keys from `before` on: those of bucket `b`, then greater
-            // ones (later buckets, then padding, all `> x`).
-            //
-            // SAFETY: `before <= len`, and the bottom level (`len` keys
-            // from `bottom`) is followed by at least a block of padding
-            // inside `buf` (`new`): `bottom + before + BLOCK <= buf.len()`.
-            let keys = unsafe { self.buf.as_ptr().add(self.bottom + before) };
-            if self.bucket_width == 1 {
-                // At most one key of the bucket: it is the first one, if any.
-                // SAFETY: see `keys`.
-                return before + usize::from(unsafe { *keys } <= x);
-            }
-            if self.bucket_width == BLOCK || end - before <= BLOCK {
-                // SAFETY: see `keys`: a whole block is in bounds (and
-                // `u64`-aligned, from a `Vec<u64>`).
-                return before + Self::count_block(unsafe { &*keys.cast::<[u64; BLOCK]>() }, x);
-            }
+        // (The empty index has no buckets: every `x` is past them, and the
+        // answer is `len`, 0.)
+        let Some(offset) = x.checked_sub(self.base) else {
+            return 0;
+        };
+        let b = offset >> self.shift;
+        if b >= self.buckets as u64 {
+            return self.len;
+        }
+        let at = self.first_at + b as usize;
+        // SAFETY: `b < buckets`, and the bucket table is the `buckets +
+        // 1` words from `first_at` (`new`), so `at` and `at + 1` are
+        // inside `buf`.
+        let before = unsafe { *self.buf.get_unchecked(at) } as usize;
+        // The keys from `before` on: those of bucket `b`, then greater
+        // ones (later buckets, then padding, all `> x`).
+        //
+        // SAFETY: `before <= len`, and the bottom level (`len` keys
+        // from `bottom`) is followed by at least a block of padding
+        // inside `buf` (`new`): `bottom + before + BLOCK <= buf.len()`.
+        let keys = unsafe { self.buf.as_ptr().add(self.bottom + before) };
+        if self.bucket_width == 1 {
+            // At most one key of the bucket: it is the first one, if any.
+            // SAFETY: see `keys`.
+            return before + usize::from(unsafe { *keys } <= x);
+        }
+        // SAFETY: as `before`.
+        let end = unsafe { *self.buf.get_unchecked(at + 1) } as usize;
+        if self.bucket_width == BLOCK || end - before <= BLOCK {
+            // SAFETY: see `keys`: a whole block is in bounds (and
+            // `u64`-aligned, from a `Vec<u64>`).
+            return before + Self::count_block(unsafe { &*keys.cast::<[u64; BLOCK]>() }, x);
         }
         self.count_le_in_tree(x)
     }
 
     /// [`count_le`](KeyIndex::count_le) through the tree: tables with a
-    /// crowded bucket (and the empty one). Out of line, so that the bucket
+    /// crowded bucket. Out of line, so that the bucket
     /// path inlined into dispatch keeps few registers live.
     #[inline(never)]
     fn count_le_in_tree(&self, x: u64) -> usize {
