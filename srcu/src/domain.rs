@@ -6,7 +6,7 @@ use crate::grace_period::GracePeriods;
 use crate::guard::ReadGuard;
 use crate::percpu::{Counters, ReadTicket};
 use crate::stall::{StallHook, StallReport};
-use crate::sync::{Arc, AtomicUsize};
+use crate::sync::Arc;
 use core::marker::PhantomData;
 use core::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -14,9 +14,6 @@ use std::time::Duration;
 /// The shared state of a domain. The handle ([`Srcu`]), the callback worker
 /// and every [`crate::SrcuCell`] of the domain point at it.
 pub(crate) struct Inner {
-    /// `srcu_idx`: bit 0 is the index new readers use; the driver of the
-    /// grace period adds 1 to flip it (between barriers E and D).
-    pub(crate) idx: AtomicUsize,
     /// Readers execute no fence; grace periods use membarrier.
     pub(crate) fast: bool,
     pub(crate) counters: Counters,
@@ -140,7 +137,6 @@ impl<F: Flavor> Builder<F> {
         }
         let srcu = Srcu {
             inner: Arc::new(Inner {
-                idx: AtomicUsize::new(0),
                 fast,
                 counters,
                 gp: GracePeriods::new(),
@@ -204,21 +200,21 @@ impl<F: Flavor> Srcu<F> {
     /// must also be ordered after plain accesses that came before it.
     #[inline]
     pub fn read_lock(&self) -> ReadGuard<'_, F> {
-        let inner = &*self.inner;
-        // Pairs with barriers D and E around the flip: a reader that reads
-        // a stale index is covered by the grace period's first scan.
-        let idx = inner.idx.load(Relaxed) & 1;
-        // One test of the domain's read mode, then the counter update; the
-        // fast flavor's test also covers "membarrier unavailable".
-        let ticket = inner.counters.inc_lock(idx, F::FAST);
+        // The index (its counter words, relaxed: pairs with barriers D and
+        // E around the flip; a reader that reads a stale index is covered
+        // by the grace period's first scan), one test of the domain's read
+        // mode, then the counter update; the fast flavor's test also
+        // covers "membarrier unavailable".
+        let ticket = self.inner.counters.inc_lock(F::FAST);
         ReadGuard::new(self, ticket)
     }
 
     /// Leaves a read section with the ticket its `read_lock` returned (the
-    /// guard's drop).
+    /// guard's drop). The domain's address is loaded only on the slow
+    /// path (see `Counters::inc_unlock`).
     #[inline(always)]
     pub(crate) fn read_unlock(&self, ticket: ReadTicket) {
-        self.inner.counters.inc_unlock(ticket);
+        Counters::inc_unlock(ticket, || &self.inner.counters);
     }
 
     /// Which barriers readers execute: [`ReaderMode::Membarrier`] for a fast

@@ -319,8 +319,8 @@ impl Inner {
     fn run_one(&self, number: u64) {
         // F: the caller's unpublishing stores before the scans.
         barriers::f_g();
-        // Only the driver writes `idx`.
-        let idx = self.idx.load(Relaxed);
+        // Only the driver flips the index.
+        let idx = self.counters.current_idx();
         // SCAN1: stragglers that loaded the old index before the last flip
         // (`--cfg srcu_teeth="scan1"` removes it, for scripts/teeth.sh).
         let waited1 = if cfg!(srcu_teeth = "scan1") {
@@ -329,7 +329,7 @@ impl Inner {
             self.wait_drained(1 ^ (idx & 1), number)
         };
         barriers::e(); // E: pairs with B and C (through A of that scan).
-        self.idx.store(idx.wrapping_add(1), Relaxed); // the flip
+        self.counters.flip_to(idx ^ 1); // the flip
         self.heavy(barriers::d); // D: pairs with C.
         let waited2 = self.wait_drained(idx & 1, number);
         barriers::f_g(); // G: the scans before the caller's frees.

@@ -118,7 +118,7 @@ pub mod __private {
 
     /// The index new readers use now.
     pub fn current_index<F: Flavor>(srcu: &Srcu<F>) -> usize {
-        srcu.inner.idx.load(core::sync::atomic::Ordering::Relaxed) & 1
+        srcu.inner.counters.current_idx()
     }
 
     /// Callers blocked on another caller's grace period, and whether one

@@ -20,74 +20,80 @@
 //!
 //! # The read fast path, instruction by instruction
 //!
-//! `read_lock` makes one test of the mode byte, then the counter update;
-//! everything else is out of line (`inc_lock_slow`, `inc_unlock_slow`).
-//! The rseq sequence leaves through an `asm goto` to the fallback, and
-//! `read_lock` hands the guard a [`ReadTicket`] with all that its drop
-//! needs, so the drop reloads nothing. Section tracking (`held.rs`, for
-//! the exact self-deadlock check) is one `fs`-relative increment on each
-//! side, to two different words.
+//! `read_lock` loads the index as the address of its counter words
+//! (`cur`, the kernel's `srcu_ctrp`: no index arithmetic), makes one test
+//! of the mode byte, then the counter update; everything else is out of
+//! line (`inc_lock_slow`, `inc_unlock_slow`). The rseq sequence leaves
+//! through an `asm goto` to the fallback and reads its bound with its
+//! compare, and `read_lock` hands the guard a [`ReadTicket`] with all that
+//! its drop needs, so the drop reloads nothing, not even the domain's
+//! address (only its slow path needs the domain), and tests nothing
+//! before its sequence: a section on the atomic path carries its thread's
+//! stand-in rseq area ([`rseq::stand_in`]), whose `cpu_id` sends the
+//! sequence to the fallback. Section tracking (`held.rs`, for the exact
+//! self-deadlock check) is one `fs`-relative increment on each side, to
+//! two different words.
 //!
 //! `drop(srcu.read_lock())` of a fast domain as the non-inlined function
-//! of `examples/fastpath_asm.rs` (x86_64, rustc 1.95, release), 40
-//! instructions run, 29 without the wrapper's prologue and epilogue (it
-//! was 55 and 48; the classic flavor's is 40 and 29, was 46 and 39):
+//! of `examples/fastpath_asm.rs` (x86_64, rustc 1.95, release), 35
+//! instructions run, 24 without the wrapper's prologue and epilogue (it
+//! was 40 and 29, and 55 and 48 before that; the classic flavor's is 33
+//! and 22, was 40 and 29):
 //!
 //! ```text
-//! push rbp / r15 / r14 / r12 / rbx   ; prologue of the wrapper
-//! mov   rbx,[rdi]                    ; inner = srcu.inner
-//! mov   rsi,[rbx+0x50]               ; idx = inner.idx (relaxed)
-//! and   esi,0x1                      ;       & 1
-//! mov   r14,[rbx+0x30]               ; rseq offset  } loaded once, kept
-//! mov   ebp,[rbx+0x38]               ; nr_cpus      } for the ticket
-//! cmp   byte [rbx+0x3d],0x0          ; THE mode test (RseqFenceless?)
+//! push r15 / r14 / r13 / r12 / rbx   ; prologue of the wrapper
+//! mov   r14,[rdi]                    ; inner = srcu.inner
+//! mov   rbx,[r14+0x30]               ; words = counters.cur (the index)
+//! lea   r15,[r14+0x40]               ; &nr_cpus (an address: no load)
+//! cmp   byte [r14+0x45],0x0          ; THE mode test (RseqFenceless?)
 //! jne   slow_lock                    ;   -> inc_lock_slow, out of line
-//! lea   ecx,[rsi*8]                  ; words = &slots[0].lock[idx]
-//! add   rcx,[rbx+0x20]
+//! mov   rcx,[r14+0x38]               ; rseq offset (kept for the ticket)
 //! lea   rax,[rip+rseq_cs_1]          ; COUNTER UPDATE 1 (rseq):
-//! mov   fs:[r14+0x8],rax             ;   arm rseq_cs
-//! mov   eax,fs:[r14+0x4]             ;   cpu_id
-//! cmp   eax,ebp                      ;   < nr_cpus?
+//! mov   fs:[rcx+0x8],rax             ;   arm rseq_cs
+//! mov   eax,fs:[rcx+0x4]             ;   cpu_id
+//! cmp   eax,[r15]                    ;   < nr_cpus? (the compare loads it)
 //! jae   slow_lock                    ;   asm goto: no flag
 //! shl   rax,0x7                      ;   * 128
-//! add   qword [rcx+rax],0x1          ;   commit: this CPU's lock[idx]
-//! movzx r15d,byte [rbx+0x3c]         ; TRACKING: the domain's slot
-//! mov   r12,0xfffffffffffff7a0       ;   (TLS offset of the counts)
-//! inc   dword fs:[r12+r15*8]         ;   entered += 1
-//! test  cl,0x1                       ; ticket's path bit (a register)
-//! jne   slow_unlock                  ;   -> inc_unlock_slow
-//! lea   rax,[rip+rseq_cs_2]          ; COUNTER UPDATE 2 (rseq), with
-//! mov   fs:[r14+0x8],rax             ;   the ticket's offset, bound
-//! mov   eax,fs:[r14+0x4]             ;   and words
-//! cmp   eax,ebp
-//! jae   slow_unlock
+//! add   qword [rbx+rax],0x1          ;   commit: this CPU's lock[idx]
+//! movzx r12d,byte [r14+0x44]         ; TRACKING: the domain's slot
+//! mov   r13,0xfffffffffffff7c8       ;   (TLS offset of the counts)
+//! inc   dword fs:[r13+r12*8]         ;   entered += 1
+//! lea   rax,[rip+rseq_cs_2]          ; COUNTER UPDATE 2 (rseq), with the
+//! mov   fs:[rcx+0x8],rax             ;   ticket's area, bound and words,
+//! mov   eax,fs:[rcx+0x4]             ;   and no test of the path first
+//! cmp   eax,[r15]                    ;   (an atomic section's area is
+//! jae   slow_unlock                  ;   its thread's stand-in: jae)
 //! shl   rax,0x7
-//! add   qword [rcx+rax+0x10],0x1     ;   commit: this CPU's unlock[idx]
-//! inc   dword fs:[r12+r15*8+0x4]     ; TRACKING: left += 1
-//! pop   rbx / r12 / r14 / r15 / rbp; ret
+//! add   qword [rbx+rax+0x10],0x1     ;   commit: this CPU's unlock[idx]
+//! inc   dword fs:[r13+r12*8+0x4]     ; TRACKING: left += 1
+//! pop   rbx / r12 / r13 / r14 / r15; ret
 //! ```
 //!
-//! 14 of the 29 are the two counter updates, exactly the sequence
+//! 14 of the 24 are the two counter updates, exactly the sequence
 //! `__private::RseqPairFloor::pair` runs (the floor); 4 are the tracking.
-//! Inlined into a loop the section is 25 instructions per iteration (the
-//! floor's loop: 15; before: 48). `fastpath_asm bench` times both in one
-//! process (minimum of repeated runs): on a 2-vCPU KVM guest (Xeon,
-//! 2.1 GHz) the section took 0.94-1.06x the floor of about 3.1 ns
-//! (before these changes 1.75-1.85x). On that shared machine there were
-//! also phases in which the fast section and classic took up to 1.6x
-//! longer while the floor (narrow and latency-bound) did not: the wider
-//! code suffers first when the core's resources are shared; compare
-//! minima.
+//! Inlined into a loop the section is 23 instructions per iteration in
+//! `fastpath_asm`'s `section_loop` (the `lea` is hoisted; the floor's loop:
+//! 16; before: 29) and 24 in the criterion loop of `benches/benches/read.rs`
+//! (before: 31; the floor's: 19); classic: 21 (before: 29).
+//! `fastpath_asm bench` times both in one process: on a 2-vCPU KVM guest
+//! (Xeon, 2.1 GHz) the minima are within noise of the floor (~3 ns) before
+//! and after, but the median of the per-run ratios went from 1.22-1.44x
+//! to 1.02-1.22x (same runs, alternating binaries): on this shared machine
+//! there are phases in which the wider code suffers first when the core's
+//! resources are shared, and fewer instructions suffer less. Compare
+//! minima and medians over several runs.
 //!
 //! Valgrind implements no rseq, so under callgrind the counters take the
-//! atomic path: `drop(read_lock())` there costs 118 instructions (fast)
-//! and 115 (classic) per section, most of them `thread_hint` and its
+//! atomic path: `drop(read_lock())` there costs 120 instructions (fast)
+//! and 118 (classic) per section, most of them `thread_hint` and its
 //! modulo in `atomic_slot` (callgrind, `fastpath_asm calls 100000`,
-//! inclusive cost of the wrapper per call; was 109 and 108).
+//! inclusive cost of the wrapper per call; was 118 and 115, and 109 and
+//! 108 before that: the stand-in's address and the unlock's sequence,
+//! which now runs up to its compare there too, cost a few).
 
 use crate::flavor::CounterPath;
 use crate::rseq::{self, RseqOffset};
-use crate::sync::{fence, AtomicUsize};
+use crate::sync::{fence, AtomicPtr, AtomicUsize};
 use core::sync::atomic::Ordering::{Relaxed, Release, SeqCst};
 use crossbeam_utils::CachePadded;
 
@@ -106,30 +112,39 @@ pub(crate) struct Slot {
 const LOCK_OFFSET: usize = 0;
 const UNLOCK_OFFSET: usize = 2 * core::mem::size_of::<usize>();
 
-/// Everything the end of a read section needs, computed by `read_lock` and
-/// carried in its guard, so the guard's drop reloads nothing from the
-/// domain (the rseq asm is a compiler barrier: any field read before it
-/// would be loaded again after it). Copies of the domain's fields plus:
+/// Everything the end of a read section needs that is not in a register
+/// anyway, computed by `read_lock` and carried in its guard, so the
+/// guard's drop reloads nothing from the domain (the rseq asm is a
+/// compiler barrier: any field read before it would be loaded again after
+/// it; the bound is read by the sequence's compare itself):
 ///
 /// * `words`: the address of `slots[0].lock[idx]` (the kernel's
-///   `srcu_read_lock_fast` returns the same). CPU `c`'s lock word is at
-///   `+ c * 128`, its unlock word `UNLOCK_OFFSET` further, which the
-///   sequence folds into its `add`: no index arithmetic at unlock.
-/// * bit 0 of `words` (the words are 8-aligned) is set when the domain is
-///   on the atomic path, so the unlock picks the rseq add or the
-///   out-of-line atomic path by testing a register.
+///   `srcu_read_lock_fast` returns the same: its `srcu_ctrp`). CPU `c`'s
+///   lock word is at `+ c * 128`, its unlock word `UNLOCK_OFFSET` further,
+///   which the sequence folds into its `add`: no index arithmetic at
+///   unlock.
+/// * `rseq`: the rseq area the unlock's sequence runs with. On the rseq
+///   path the domain's (glibc's, the same in every thread); on the atomic
+///   path the calling thread's [`rseq::stand_in`], whose `cpu_id` is above
+///   every bound. So the unlock is the sequence with no test of the path
+///   before it: an atomic section always leaves through its out-of-range
+///   exit, having written only the stand-in's `rseq_cs`.
 ///
-/// Made only in this module, from the counters it is later used with
-/// (the guard keeps the domain and its ticket together), by
-/// [`Counters::inc_lock`] (untagged only on its rseq paths, where the mode
-/// is rseq) and [`Counters::ticket`]. With bit 0 clear,
-/// `rseq` came from `detect` and `words` is only ever dereferenced by the
-/// rseq sequence, inside the domain's `slots` (which outlive every guard).
+/// Made only in this module, by [`Counters::inc_lock`] and
+/// [`Counters::ticket`], from the counters it is later used with (the
+/// guard keeps the domain and its ticket together), and on the thread
+/// that ends the section: a [`crate::ReadGuard`] is `!Send`, and a
+/// section that changes threads gets a new ticket there
+/// ([`crate::SendableReadGuard`]). `words` is only ever dereferenced by
+/// the rseq sequence, inside the domain's `slots` (which outlive every
+/// guard), and only on the rseq path.
 #[derive(Clone, Copy)]
 pub(crate) struct ReadTicket {
     words: *mut u64,
     rseq: RseqOffset,
-    nr_cpus: u32,
+    /// The address of the domain's `nr_cpus`, which the sequence's compare
+    /// reads.
+    nr_cpus: *const u32,
     /// The domain's slot in the per-thread section counts (`held.rs`).
     pub(crate) held_slot: u8,
 }
@@ -142,16 +157,6 @@ pub(crate) struct ReadTicket {
 unsafe impl Send for ReadTicket {}
 // SAFETY: as above; `&ReadTicket` only copies the fields.
 unsafe impl Sync for ReadTicket {}
-
-impl ReadTicket {
-    const ATOMIC_TAG: usize = 1;
-
-    /// True if the domain's counters are on the rseq path.
-    #[inline(always)]
-    fn is_rseq(self) -> bool {
-        self.words.addr() & Self::ATOMIC_TAG == 0
-    }
-}
 
 // The sequence's displacements are the fields' offsets.
 #[cfg(not(loom))]
@@ -196,8 +201,16 @@ impl ReadMode {
 
 /// All counters of one domain.
 pub(crate) struct Counters {
+    /// `srcu_idx` as the readers see it: the address of
+    /// `slots[0].lock[idx]` for the index `idx` new readers use (the
+    /// kernel's `srcu_ctrp`), so `read_lock` loads its counter words with
+    /// one instruction. Only the driver of the grace period writes it
+    /// ([`Counters::flip_to`], between barriers E and D).
+    cur: AtomicPtr<u64>,
     /// Read by every `read_lock`.
     mode: ReadMode,
+    /// The per-CPU slots; read from memory by the compare of every rseq
+    /// sequence (`percpu_inc`), through the address in the ticket.
     nr_cpus: u32,
     /// Meaningful only when `mode.is_rseq()` (then it came from `detect`).
     rseq: RseqOffset,
@@ -232,13 +245,36 @@ impl Counters {
             (false, true) => ReadMode::AtomicFenceless,
             (false, false) => ReadMode::AtomicFenced,
         };
-        Counters {
+        let mut c = Counters {
+            cur: AtomicPtr::new(core::ptr::null_mut()),
             mode,
             nr_cpus: nr_cpus as u32,
             rseq: rseq.unwrap_or(RseqOffset(0)),
             held_slot,
             slots,
-        }
+        };
+        // The slots are on the heap: the address stays when `c` moves.
+        c.cur = AtomicPtr::new(c.words(0));
+        c
+    }
+
+    /// The counter words new readers use (relaxed: pairs with barriers D
+    /// and E around the flip; a reader that loads the old words is covered
+    /// by the grace period's first scan).
+    #[inline(always)]
+    fn current_words(&self) -> *mut u64 {
+        self.cur.load(Relaxed)
+    }
+
+    /// The index new readers use.
+    pub(crate) fn current_idx(&self) -> usize {
+        self.words_idx(self.current_words())
+    }
+
+    /// Makes new readers use index `idx` (the flip). Only the driver of the
+    /// grace period calls it, between barriers E and D.
+    pub(crate) fn flip_to(&self, idx: usize) {
+        self.cur.store(self.words(idx & 1), Relaxed);
     }
 
     pub(crate) fn path(&self) -> CounterPath {
@@ -251,12 +287,18 @@ impl Counters {
 
     /// Presets every counter (wrap-around tests).
     pub(crate) fn preset(&self, value: usize) {
-        for s in self.slots.iter() {
+        for s in self.slots() {
             for i in 0..2 {
                 s.lock[i].store(value, Relaxed);
                 s.unlock[i].store(value, Relaxed);
             }
         }
+    }
+
+    /// The counter slots.
+    #[inline(always)]
+    fn slots(&self) -> &[CachePadded<Slot>] {
+        &self.slots
     }
 
     #[inline(always)]
@@ -265,34 +307,32 @@ impl Counters {
         (self.slots.as_ptr() as *mut u8).wrapping_add(offset) as *mut u64
     }
 
-    /// The untagged counter words of index `idx`.
+    /// The counter words of index `idx` (`slots[0].lock[idx]`).
     #[inline(always)]
     fn words(&self, idx: usize) -> *mut u64 {
         debug_assert!(idx < 2);
         self.field_base(LOCK_OFFSET + idx * core::mem::size_of::<AtomicUsize>())
     }
 
-    /// The counter words of index `idx`, tagged with the path (see
-    /// [`ReadTicket`]).
+    /// The rseq area for the tickets of this thread: the domain's on the
+    /// rseq path, else this thread's stand-in (see [`ReadTicket`]).
     #[inline]
-    fn tagged_words(&self, idx: usize) -> *mut u64 {
-        let words = self.words(idx);
+    fn ticket_rseq(&self) -> RseqOffset {
         if self.mode.is_rseq() {
-            words
+            self.rseq
         } else {
-            // Bit 0 of the (8-aligned) words is clear: this sets it.
-            words.wrapping_byte_add(ReadTicket::ATOMIC_TAG)
+            rseq::stand_in()
         }
     }
 
-    /// The ticket of a section of index `idx` (for a section that changes
-    /// threads: [`crate::SendableReadGuard`]).
+    /// The ticket of a section of index `idx`, for the calling thread (for
+    /// a section that changes threads: [`crate::SendableReadGuard`]).
     #[inline]
     pub(crate) fn ticket(&self, idx: usize) -> ReadTicket {
         ReadTicket {
-            words: self.tagged_words(idx),
-            rseq: self.rseq,
-            nr_cpus: self.nr_cpus,
+            words: self.words(idx & 1),
+            rseq: self.ticket_rseq(),
+            nr_cpus: &raw const self.nr_cpus,
             held_slot: self.held_slot,
         }
     }
@@ -303,12 +343,11 @@ impl Counters {
         self.words_idx(t.words)
     }
 
-    /// The index of (possibly tagged) counter words.
+    /// The index of counter words.
     #[inline]
     fn words_idx(&self, words: *mut u64) -> usize {
-        let off = words.addr().wrapping_sub(self.slots.as_ptr().addr());
-        // The tag (bit 0) is below the division; `& 1` also tells the
-        // compiler the index is in bounds.
+        let off = words.addr().wrapping_sub(self.slots().as_ptr().addr());
+        // `& 1` also tells the compiler the index is in bounds.
         ((off - LOCK_OFFSET) / core::mem::size_of::<AtomicUsize>()) & 1
     }
 
@@ -319,37 +358,41 @@ impl Counters {
         if self.mode.is_rseq() {
             // Threads whose rseq area works never reach here for
             // rseq-written words; the others use the shared slots.
-            return &self.slots[self.nr_cpus as usize + thread_hint() % NR_SHARED.max(1)];
+            return &self.slots()[self.nr_cpus as usize + thread_hint() % NR_SHARED.max(1)];
         }
-        let n = self.slots.len();
-        &self.slots[thread_hint() % n]
+        let n = self.slots().len();
+        &self.slots()[thread_hint() % n]
     }
 
-    /// `read_lock`'s increment followed by barrier B: a full barrier
-    /// (classic; `fast_flavor` is the compile-time `F::FAST`), or a
-    /// compiler barrier only (fast flavor in [`ReadMode::RseqFenceless`],
-    /// whose partner is membarrier).
+    /// `read_lock`: loads the current counter words (the index), makes the
+    /// increment followed by barrier B: a full barrier (classic;
+    /// `fast_flavor` is the compile-time `F::FAST`), or a compiler barrier
+    /// only (fast flavor in [`ReadMode::RseqFenceless`], whose partner is
+    /// membarrier).
     ///
     /// Inlined: one test of `mode`, then the flavor's counter update on the
     /// rseq path. Everything else (the atomic path, a CPU beyond the
     /// per-CPU slots, a fast domain without membarrier) is the out-of-line
     /// [`Counters::inc_lock_slow`]. Returns the section's ticket.
     #[inline(always)]
-    pub(crate) fn inc_lock(&self, idx: usize, fast_flavor: bool) -> ReadTicket {
+    pub(crate) fn inc_lock(&self, fast_flavor: bool) -> ReadTicket {
         // Loaded once, before the asm (a compiler barrier), and kept in
-        // registers for the ticket.
-        let (rseq, nr_cpus) = (self.rseq, self.nr_cpus);
-        let words = 'words: {
-            // Untagged: these are the rseq paths.
-            let words = self.words(idx);
+        // registers for the ticket. Pairs with barriers D and E around the
+        // flip (see `current_words`).
+        let words = self.current_words();
+        let rseq = self.rseq;
+        // An address, not a load: the sequence's compare reads the bound.
+        let nr_cpus = &raw const self.nr_cpus;
+        let rseq = 'rseq: {
             if fast_flavor {
                 if self.mode == ReadMode::RseqFenceless {
                     // SAFETY: the mode is rseq only if `rseq` came from
-                    // `detect`; `words + c * 128` for `c < nr_cpus` is
+                    // `detect`; `nr_cpus` is a field of `self`;
+                    // `words + c * 128` for `c < nr_cpus` is
                     // `slots[c].lock[idx]`, written only by this sequence
                     // in this mode (table above).
                     if unsafe { rseq::percpu_inc::<LOCK_OFFSET>(rseq, words, nr_cpus) } {
-                        break 'words words;
+                        break 'rseq rseq;
                     }
                 }
             } else if self.mode == ReadMode::RseqFenced {
@@ -359,32 +402,34 @@ impl Counters {
                     // SAFETY: as above; in this build the per-CPU lock
                     // words are written only by this sequence.
                     if unsafe { rseq::percpu_inc::<LOCK_OFFSET>(rseq, words, nr_cpus) } {
-                        break 'words words;
+                        break 'rseq rseq;
                     }
                 } else {
                     // Classic: a locked add on this CPU's slot (atomic, so
                     // a migration in between is harmless); it is barrier B.
+                    // Below 2^32: compared as a `u32` (against the bound
+                    // in memory), used as a `usize` (see `cpu_id`).
                     let cpu = rseq::cpu_id(rseq);
-                    if cpu < nr_cpus {
+                    if (cpu as u32) < self.nr_cpus {
                         // `words + cpu * 128` is `slots[cpu].lock[idx]`.
                         #[cfg(all(target_arch = "x86_64", not(loom)))]
-                        // SAFETY: `cpu < nr_cpus <= slots.len()`, so the
-                        // address is that of a live `AtomicUsize`.
+                        // SAFETY: `cpu < nr_cpus <= slots.len()` and
+                        // `words` is `slots[0].lock[idx]`, so the address
+                        // is that of a live `AtomicUsize`.
                         unsafe {
-                            rseq::locked_inc(words.wrapping_byte_add((cpu as usize) << 7))
+                            rseq::locked_inc_at(words, cpu << 7)
                         };
                         #[cfg(not(all(target_arch = "x86_64", not(loom))))]
                         {
                             // SAFETY: `cpu < nr_cpus <= slots.len()`.
-                            let slot = unsafe { self.slots.get_unchecked(cpu as usize) };
-                            Self::atomic_inc_lock_full(slot, idx);
+                            let slot = unsafe { self.slots().get_unchecked(cpu) };
+                            Self::atomic_inc_lock_full(slot, self.words_idx(words));
                         }
-                        break 'words words;
+                        break 'rseq rseq;
                     }
                 }
             }
-            // Tagged with the path (see `ReadTicket`).
-            self.inc_lock_slow(idx)
+            self.inc_lock_slow(words)
         };
         ReadTicket {
             words,
@@ -396,38 +441,36 @@ impl Counters {
 
     /// Everything but the inlined paths of [`Counters::inc_lock`]: the
     /// atomic path, a CPU number beyond the per-CPU slots, and a fast
-    /// domain in [`ReadMode::RseqFenced`] (no membarrier). Returns the
-    /// section's counter words, tagged with the path (see [`ReadTicket`]).
+    /// domain in [`ReadMode::RseqFenced`] (no membarrier). Returns the rseq
+    /// area for the section's ticket (see [`ReadTicket`]).
     #[cold]
     #[inline(never)]
-    fn inc_lock_slow(&self, idx: usize) -> *mut u64 {
-        let words = self.words(idx);
+    fn inc_lock_slow(&self, words: *mut u64) -> RseqOffset {
+        let idx = self.words_idx(words);
         if self.mode == ReadMode::AtomicFenced {
             Self::atomic_inc_lock_full(self.atomic_slot(), idx);
-            return words.wrapping_byte_add(ReadTicket::ATOMIC_TAG);
+            return rseq::stand_in();
         }
         if self.mode == ReadMode::RseqFenced {
             // A fast domain without membarrier arrives here directly; a
             // classic one only with a CPU beyond the slots.
             let cpu = rseq::cpu_id(self.rseq);
-            let slot = if cpu < self.nr_cpus {
+            let slot = if cpu < self.nr_cpus as usize {
                 // SAFETY: `cpu < nr_cpus <= slots.len()`.
-                unsafe { self.slots.get_unchecked(cpu as usize) }
+                unsafe { self.slots().get_unchecked(cpu) }
             } else {
                 self.atomic_slot()
             };
             Self::atomic_inc_lock_full(slot, idx);
-            return words;
+            return self.rseq;
         }
         // Fenceless: B is a compiler barrier only; the grace period's
         // membarrier is its partner.
         self.atomic_slot().lock[idx].fetch_add(1, Relaxed);
         core::sync::atomic::compiler_fence(SeqCst);
-        if self.mode == ReadMode::AtomicFenceless {
-            words.wrapping_byte_add(ReadTicket::ATOMIC_TAG)
-        } else {
-            words // RseqFenceless, on a CPU beyond the slots
-        }
+        // The stand-in on the atomic path; the domain's area when
+        // RseqFenceless, on a CPU beyond the slots.
+        self.ticket_rseq()
     }
 
     /// Increment plus barrier B (full), paired with A and E.
@@ -451,28 +494,34 @@ impl Counters {
         }
     }
 
-    /// `read_unlock`'s barrier C and increment: one test of the path bit
-    /// of the section's ticket (a register, no reload of the mode), then
-    /// the rseq add on its unlock word, with the offset and bound the
-    /// ticket carries; the atomic path is out of line.
+    /// `read_unlock`'s barrier C and increment: the rseq add on the
+    /// section's unlock word, with the area its ticket carries, and no
+    /// test of the path first: on the atomic path the area is the thread's
+    /// stand-in, whose `cpu_id` sends the sequence to its out-of-range
+    /// exit, like a CPU beyond the slots. Both go to the out-of-line
+    /// atomic path, the only user of the domain: `counters` finds it (the
+    /// caller passes `|| &srcu.inner.counters`), so that the fast path does
+    /// not load the domain's address again after `read_lock`'s asm (a
+    /// compiler barrier).
     #[inline(always)]
-    pub(crate) fn inc_unlock(&self, t: ReadTicket) {
-        if t.is_rseq() {
-            // C: the asm is a compiler barrier and x86_64 stores are
-            // releases (classic); in the fast flavor membarrier in A/D is
-            // the partner.
-            // SAFETY: `t` was made from these counters (the guard keeps
-            // them together) and its path bit is clear, so the mode is
-            // rseq and `t.rseq` came from `detect`; `t.words + c * 128 +
-            // UNLOCK_OFFSET` for `c < t.nr_cpus` is `slots[c].unlock[idx]`,
-            // and those words of per-CPU slots are written only by this
-            // sequence on the rseq path (table above).
-            if unsafe { rseq::percpu_inc::<UNLOCK_OFFSET>(t.rseq, t.words, t.nr_cpus) } {
-                return;
-            }
+    pub(crate) fn inc_unlock<'a>(t: ReadTicket, counters: impl FnOnce() -> &'a Counters) {
+        // C: the asm is a compiler barrier and x86_64 stores are releases
+        // (classic); in the fast flavor membarrier in A/D is the partner.
+        // SAFETY: `t` was made from the counters `counters` returns (the
+        // guard keeps them together), which outlive it, on this thread
+        // (`ReadTicket`). Either the mode is rseq
+        // and `t.rseq` came from `detect`: then `t.words + c * 128 +
+        // UNLOCK_OFFSET` for `c < nr_cpus` is `slots[c].unlock[idx]`, and
+        // those words of per-CPU slots are written only by this sequence
+        // on the rseq path (table above). Or the mode is atomic and
+        // `t.rseq` is this thread's `stand_in`: its `cpu_id` (`u32::MAX`)
+        // is not below `nr_cpus` (at most `u32::MAX / 2`), so the sequence
+        // writes nothing but the stand-in's `rseq_cs`. `t.nr_cpus` is the
+        // address of the field of those counters.
+        if unsafe { rseq::percpu_inc::<UNLOCK_OFFSET>(t.rseq, t.words, t.nr_cpus) } {
+            return;
         }
-        // Only the words: the whole ticket would be passed through memory.
-        self.inc_unlock_slow(t.words);
+        counters().inc_unlock_slow(t.words);
     }
 
     #[cold]
@@ -490,7 +539,7 @@ impl Counters {
     }
 
     fn sum(&self, pick: impl Fn(&Slot) -> &AtomicUsize) -> usize {
-        self.slots
+        self.slots()
             .iter()
             .fold(0usize, |acc, s| acc.wrapping_add(pick(s).load(Relaxed)))
     }
@@ -613,23 +662,23 @@ impl PairFloor {
     #[inline(always)]
     pub(crate) fn pair(&self) {
         let c = &self.0;
-        let (rseq, nr_cpus, words) = (c.rseq, c.nr_cpus, c.words(0));
+        let (rseq, nr_cpus, words) = (c.rseq, &raw const c.nr_cpus, c.words(0));
         // SAFETY: as in `Counters::inc_lock` (`c` is in rseq mode, so
         // `c.rseq` came from `detect`); the fallback writes only a shared
         // slot.
         if !unsafe { rseq::percpu_inc::<LOCK_OFFSET>(rseq, words, nr_cpus) } {
-            c.slots[nr_cpus as usize].lock[0].fetch_add(1, Relaxed);
+            c.slots()[c.nr_cpus as usize].lock[0].fetch_add(1, Relaxed);
         }
         // SAFETY: as above, for the `unlock[0]` words.
         if !unsafe { rseq::percpu_inc::<UNLOCK_OFFSET>(rseq, words, nr_cpus) } {
-            c.slots[nr_cpus as usize].unlock[0].fetch_add(1, Relaxed);
+            c.slots()[c.nr_cpus as usize].unlock[0].fetch_add(1, Relaxed);
         }
     }
 
     /// Every increment made so far (a lost one would show here).
     pub(crate) fn total(&self) -> u64 {
         self.0
-            .slots
+            .slots()
             .iter()
             .map(|s| {
                 s.lock[0]

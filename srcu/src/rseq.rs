@@ -68,7 +68,7 @@ pub(crate) fn detect() -> Option<RseqOffset> {
     }))?;
     let rseq = RseqOffset(off);
     // Registration can still fail per thread (seccomp, a foreign clone).
-    (cpu_id(rseq) < u32::MAX - 1).then_some(rseq)
+    (cpu_id(rseq) < (u32::MAX - 1) as usize).then_some(rseq)
 }
 
 /// Non-glibc or non-x86_64 targets: no rseq, always the atomic path.
@@ -83,11 +83,15 @@ pub(crate) fn detect() -> Option<RseqOffset> {
 }
 
 /// The CPU the calling thread was on a moment ago: one load from its rseq
-/// area. A hint only (the thread may migrate right after).
+/// area. A hint only (the thread may migrate right after). The `u32` field
+/// zero-extended by the load itself (a 32-bit `mov` clears the upper half
+/// of the register), so it is below 2^32 and `cpu as u32 as usize == cpu`:
+/// callers compare the `u32` and index with the `usize`, and no separate
+/// zero extension is executed.
 #[cfg(all(target_os = "linux", target_arch = "x86_64", not(loom)))]
 #[inline(always)]
-pub(crate) fn cpu_id(rseq: RseqOffset) -> u32 {
-    let cpu: u32;
+pub(crate) fn cpu_id(rseq: RseqOffset) -> usize {
+    let cpu: usize;
     // SAFETY: `rseq.0` came from glibc's `__rseq_offset`, so `fs:[off + 4]`
     // is the `cpu_id` field of this thread's registered rseq area, which
     // lives as long as the thread. The load has no side effect.
@@ -104,13 +108,81 @@ pub(crate) fn cpu_id(rseq: RseqOffset) -> u32 {
 
 #[cfg(not(all(target_os = "linux", target_arch = "x86_64", not(loom))))]
 #[inline(always)]
-pub(crate) fn cpu_id(_rseq: RseqOffset) -> u32 {
-    u32::MAX
+pub(crate) fn cpu_id(_rseq: RseqOffset) -> usize {
+    u32::MAX as usize
+}
+
+/// A stand-in for an rseq area, one per thread, that [`percpu_inc`] may be
+/// run with: `cpu_id` is `u32::MAX` for good (above any bound), so the
+/// sequence only stores its descriptor into `rseq_cs` here (a word nobody
+/// reads) and takes its out-of-range exit. The kernel never looks at it.
+/// The sections of a domain on the atomic path carry it, so that the end
+/// of every section is the same sequence and needs no test of the path
+/// first (`percpu.rs`), even where no real area exists at all (glibc
+/// before 2.35, musl).
+#[cfg(all(target_os = "linux", target_arch = "x86_64", not(loom)))]
+#[repr(C, align(32))]
+struct StandIn {
+    _cpu_id_start: u32,
+    /// Never written.
+    cpu_id: u32,
+    /// Written by the sequence's `mov` (through `fs`), never read.
+    rseq_cs: core::cell::UnsafeCell<u64>,
+}
+
+/// The calling thread's [`StandIn`], as an offset from its thread pointer.
+/// Valid only on this thread: unlike glibc's offset it is not the same in
+/// every thread (the stand-in is a Rust thread-local, which may live in
+/// dynamically allocated TLS), so it is only handed to sections that end
+/// on the thread that began them (`percpu.rs`).
+#[cfg(all(target_os = "linux", target_arch = "x86_64", not(loom)))]
+#[inline]
+pub(crate) fn stand_in() -> RseqOffset {
+    std::thread_local! {
+        // Const-initialised and without destructor: it lives (and keeps
+        // its address) as long as the thread, thread-local destructors
+        // included.
+        static AREA: StandIn = const {
+            StandIn {
+                _cpu_id_start: u32::MAX,
+                cpu_id: u32::MAX,
+                rseq_cs: core::cell::UnsafeCell::new(0),
+            }
+        };
+    }
+    debug_assert_eq!(
+        core::mem::offset_of!(StandIn, cpu_id) + 4,
+        core::mem::offset_of!(StandIn, rseq_cs)
+    );
+    // Exposed: the sequence reaches the area through `fs`, not through a
+    // pointer derived from this one.
+    let area = AREA.with(|a| core::ptr::from_ref(a).expose_provenance());
+    let tp: usize;
+    // SAFETY: on x86_64 Linux the first word of the thread control block,
+    // at `fs:0`, holds the thread pointer itself (the ELF TLS ABI, variant
+    // II; glibc's `tcbhead_t.tcb`, musl's `pthread.self`). A load without
+    // side effects.
+    unsafe {
+        core::arch::asm!(
+            "mov {tp}, qword ptr fs:0",
+            tp = out(reg) tp,
+            options(nostack, readonly, preserves_flags, pure),
+        );
+    }
+    RseqOffset(area.wrapping_sub(tp) as isize)
+}
+
+#[cfg(not(all(target_os = "linux", target_arch = "x86_64", not(loom))))]
+#[inline]
+pub(crate) fn stand_in() -> RseqOffset {
+    RseqOffset(0)
 }
 
 /// Adds 1 to the `u64` at `base + cpu * 128 + DISP`, where `cpu` is the CPU
 /// the thread runs on at commit time, as a restartable sequence. Returns
-/// `false`, having written nothing, if `cpu >= nr_cpus`. (`DISP` is folded
+/// `false`, having written nothing but `rseq_cs`, if `cpu >= *nr_cpus`
+/// (the compare reads the bound from memory itself, so no instruction
+/// loads it apart). (`DISP` is folded
 /// into the `add`'s address, so a read section passes the same `base` to
 /// its lock and its unlock increment.)
 ///
@@ -121,16 +193,19 @@ pub(crate) fn cpu_id(_rseq: RseqOffset) -> u32 {
 ///
 /// # Safety
 ///
-/// * `rseq` must come from [`detect`] (the thread's rseq area is registered).
+/// * `rseq` must come from [`detect`] (the thread's rseq area, registered
+///   or not: glibc has one for every thread once it exports the offset),
+///   or from [`stand_in`] on the calling thread.
+/// * `nr_cpus` must be valid for reads of a `u32`.
 /// * `base + c * 128 + DISP` must be valid for writes of a `u64` for every
-///   `c < nr_cpus`, and no code may write those words other than through
+///   `c < *nr_cpus`, and no code may write those words other than through
 ///   this function (or while no thread can run it).
 #[cfg(all(target_os = "linux", target_arch = "x86_64", not(loom)))]
 #[inline(always)]
 pub(crate) unsafe fn percpu_inc<const DISP: usize>(
     rseq: RseqOffset,
     base: *mut u64,
-    nr_cpus: u32,
+    nr_cpus: *const u32,
 ) -> bool {
     // Labels: 2 retry (re-arm rseq_cs, the kernel clears it on abort),
     // 3 descriptor, 4 start_ip, 5 post-commit, 6 abort_ip; `{oob}` is the
@@ -186,7 +261,7 @@ pub(crate) unsafe fn percpu_inc<const DISP: usize>(
                 arm!(),
                 "4:",
                 "mov eax, dword ptr fs:[{off} + 4]",
-                "cmp eax, {nr:e}",
+                "cmp eax, dword ptr [{nr}]",
                 "jae {oob}",
                 "shl rax, 7",
                 commit!(),
@@ -211,7 +286,8 @@ pub(crate) unsafe fn percpu_inc<const DISP: usize>(
         };
     }
     // SAFETY: see the module docs and this function's contract. The asm
-    // writes only `rseq_cs` of this thread's rseq area and the counter word;
+    // writes only `rseq_cs` of this thread's rseq area (or stand-in) and
+    // the counter word, and reads `cpu_id` and `*nr_cpus`;
     // it is a compiler barrier (no `nomem`), which is all barriers B and C
     // need in the fast flavor and all C needs on x86_64 (TSO makes the
     // store a release). The `{oob}` exit is taken before anything but
@@ -230,7 +306,7 @@ pub(crate) unsafe fn percpu_inc<const DISP: usize>(
 pub(crate) unsafe fn percpu_inc<const DISP: usize>(
     _rseq: RseqOffset,
     _base: *mut u64,
-    _nr_cpus: u32,
+    _nr_cpus: *const u32,
 ) -> bool {
     false
 }
@@ -249,5 +325,27 @@ pub(crate) unsafe fn locked_inc(counter: *mut u64) {
     // RMW is atomic against every other CPU and a full barrier.
     unsafe {
         core::arch::asm!("lock add qword ptr [{c}], 1", c = in(reg) counter, options(nostack));
+    }
+}
+
+/// [`locked_inc`] of the counter `offset` bytes after `base`, with the
+/// addition folded into the instruction's address.
+///
+/// # Safety
+///
+/// `base + offset` must be valid for atomic writes of a `u64` (it points
+/// into an `AtomicUsize`).
+#[cfg(all(target_arch = "x86_64", not(loom)))]
+#[inline(always)]
+pub(crate) unsafe fn locked_inc_at(base: *mut u64, offset: usize) {
+    // SAFETY: `base + offset` is a valid, aligned atomic word (caller). A
+    // locked RMW is atomic against every other CPU and a full barrier.
+    unsafe {
+        core::arch::asm!(
+            "lock add qword ptr [{b} + {o}], 1",
+            b = in(reg) base,
+            o = in(reg) offset,
+            options(nostack),
+        );
     }
 }
