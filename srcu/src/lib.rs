@@ -2,8 +2,8 @@
 //!
 //! Readers enter a section with [`Srcu::read_lock`], which costs two
 //! non-locked per-CPU adds in restartable sequences and no fence in the
-//! [`Fast`] flavor (3.7 ns for `read_lock` + drop on a 2-vCPU Xeon VM,
-//! within 1.2x of the two bare adds), and one locked add plus one
+//! [`Fast`] flavor (3-4.5 ns for `read_lock` + drop on a 2-vCPU Xeon VM,
+//! 1.0-1.5x the two bare adds), and one locked add plus one
 //! non-locked add in the [`Classic`] flavor (11.0 ns there), and may block
 //! or sleep inside it. Updaters unpublish data and wait
 //! for pre-existing readers with [`Srcu::synchronize`], or defer the free with
