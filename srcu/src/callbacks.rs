@@ -23,7 +23,41 @@ use crate::flavor::Flavor;
 use crate::stats::Stats;
 use crate::sync::{Arc, Condvar, JoinHandle, Mutex};
 
-type Callback = Box<dyn FnOnce() + Send>;
+/// What the queue holds: a `call_srcu` closure, or a value to drop (a
+/// [`crate::Stale`] going out of scope), both run by [`Deferred::run`].
+pub(crate) type Callback = Box<dyn Deferred>;
+
+/// Work that runs once, after a grace period.
+pub(crate) trait Deferred: Send {
+    fn run(self: Box<Self>);
+}
+
+impl<F: FnOnce() + Send> Deferred for F {
+    fn run(self: Box<Self>) {
+        (*self)()
+    }
+}
+
+/// A value whose drop is deferred: queued as the very box it already
+/// lives in, so that deferring a free costs no allocation of its own (a
+/// closure capturing the box would be one more allocation, made by the
+/// updater and freed by the worker).
+#[repr(transparent)]
+struct DropLater<T>(T);
+
+impl<T: Send> Deferred for DropLater<T> {
+    fn run(self: Box<Self>) {
+        drop(self);
+    }
+}
+
+/// The callback that drops `value`, in its own allocation.
+pub(crate) fn drop_later<T: Send + 'static>(value: Box<T>) -> Callback {
+    // SAFETY: `DropLater<T>` is `repr(transparent)` over `T`, so a
+    // `Box<T>`'s allocation (same size and alignment) is a valid
+    // `Box<DropLater<T>>`, and dropping it drops the `T`.
+    unsafe { Box::from_raw(Box::into_raw(value).cast::<DropLater<T>>()) }
+}
 
 #[derive(Default)]
 struct State {
@@ -287,14 +321,14 @@ fn drain_here(inner: &Inner) {
 
 fn run(inner: &Inner, cb: Callback) {
     #[cfg(not(loom))]
-    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(cb)).is_err() {
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cb.run())).is_err() {
         Stats::add(&inner.stats.callback_panics, 1);
         eprintln!("srcu: a call_srcu callback panicked; the remaining callbacks still run");
     }
     #[cfg(loom)]
     {
         let _ = inner;
-        cb();
+        cb.run();
     }
 }
 

@@ -1,7 +1,7 @@
 //! [`SrcuCell`]: an SRCU-protected pointer, and [`Stale`], a value that
 //! readers may still see.
 
-use crate::callbacks::call_srcu_inner;
+use crate::callbacks::{call_srcu_inner, drop_later};
 use crate::domain::{Inner, Srcu};
 use crate::flavor::Flavor;
 use crate::guard::ReadGuard;
@@ -355,7 +355,7 @@ impl<T: Send + 'static> Stale<T> {
 impl<T: Send + 'static> Drop for Stale<T> {
     fn drop(&mut self) {
         if let Some(v) = self.value.take() {
-            call_srcu_inner(&self.domain, Box::new(move || drop(v)));
+            call_srcu_inner(&self.domain, drop_later(v));
         }
     }
 }
