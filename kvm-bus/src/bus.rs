@@ -1105,4 +1105,139 @@ mod tests {
             }
         }
     }
+
+    /// Tables built in batches (overlapping or not, near 0, 2^63 and
+    /// u64::MAX) against a model: each new entry goes before the existing
+    /// equal ones, in batch order; the overlap flag matches a recomputed
+    /// one. Dispatch against a linear model: `write_cookie` with every
+    /// cookie (and none), every length, devices that decline, and `read`.
+    #[test]
+    fn batches_and_dispatch_match_a_model() {
+        let mut rnd = rng(0xdead_beef_cafe_f00d);
+        for round in 0..300 {
+            let overlapping_ok = round % 3 != 0;
+            let mut b = IoBus::empty();
+            let mut model: Vec<(IoRange, Arc<dyn IoDevice>)> = Vec::new();
+            let mut tag = 0u8;
+            for _batch in 0..1 + rnd(5) {
+                let k = rnd(8) as usize;
+                let mut new: Vec<(IoRange, Arc<dyn IoDevice>)> = Vec::new();
+                for _ in 0..k {
+                    let range = if overlapping_ok {
+                        let near = [0u64, 1, u64::MAX - 40, 1 << 63];
+                        let start = near[rnd(4) as usize] + rnd(32);
+                        r(
+                            start,
+                            (1 + rnd(12)).min((u64::MAX - start).saturating_add(1)),
+                        )
+                    } else {
+                        // Disjoint slots of 16 at random positions.
+                        let slot = rnd(40);
+                        if model
+                            .iter()
+                            .chain(new.iter())
+                            .any(|(q, _)| q.addr() / 16 == slot)
+                        {
+                            continue;
+                        }
+                        r(slot * 16 + rnd(4), 1 + rnd(12))
+                    };
+                    tag = tag.wrapping_add(1);
+                    let m = if rnd(2) == 0 {
+                        None
+                    } else {
+                        Some(rnd(3) as u8)
+                    };
+                    new.push((range, Dev::new(tag, m) as Arc<dyn IoDevice>));
+                }
+                for (range, dev) in &new {
+                    let at = model.partition_point(|(q, _)| order_key(q) < order_key(range));
+                    model.insert(at, (*range, dev.clone()));
+                }
+                b = add(&b, &new);
+                assert_eq!(b.len(), model.len());
+                for (e, (q, d)) in b.entries.iter().zip(&model) {
+                    assert_eq!(e.range, *q);
+                    assert!(Arc::ptr_eq(e.dev.get(), d), "round {round}: order");
+                }
+                let ov = model.windows(2).enumerate().any(|(i, _)| {
+                    let maxl = model[..=i].iter().map(|(q, _)| q.last()).max().unwrap();
+                    model[i + 1].0.addr() <= maxl
+                });
+                assert_eq!(b.overlapping, ov, "round {round}");
+                if !overlapping_ok {
+                    assert!(!b.overlapping);
+                }
+            }
+            let n = model.len();
+            let mut addrs: Vec<u64> = model
+                .iter()
+                .flat_map(|(q, _)| {
+                    [
+                        q.addr().wrapping_sub(1),
+                        q.addr(),
+                        q.addr() + 1,
+                        q.last(),
+                        q.last().wrapping_add(1),
+                    ]
+                })
+                .collect();
+            addrs.extend([0, 1, u64::MAX, u64::MAX - 1, 1 << 63]);
+            for addr in addrs {
+                for len in [1usize, 2, 4, 8] {
+                    let Some(last) = addr.checked_add(len as u64 - 1) else {
+                        continue;
+                    };
+                    for byte in 0..3u8 {
+                        let data = vec![byte; len];
+                        for cookie in (0..n + 2).chain([usize::MAX]) {
+                            // Model.
+                            let covers =
+                                |i: usize| model[i].0.addr() <= addr && model[i].0.last() >= last;
+                            let accepts = |i: usize| {
+                                let d = &model[i].1;
+                                d.write(
+                                    Access::new(model[i].0.addr(), addr - model[i].0.addr(), None),
+                                    &data,
+                                )
+                                .is_ok()
+                            };
+                            let mut want = None;
+                            if cookie < n && covers(cookie) && accepts(cookie) {
+                                want = Some(cookie);
+                            } else {
+                                for i in (0..n).rev() {
+                                    if i != cookie && covers(i) && accepts(i) {
+                                        want = Some(i);
+                                        break;
+                                    }
+                                }
+                            }
+                            let got = wc(&b, cookie, addr, &data).ok();
+                            assert_eq!(
+                                got, want,
+                                "round {round} addr {addr:#x} len {len} cookie {cookie} {b:?}"
+                            );
+                        }
+                    }
+                    // Reads: first covering entry (reverse order) whose dev accepts reads.
+                    let want = (0..n).rev().find(|&i| {
+                        model[i].0.addr() <= addr
+                            && model[i].0.last() >= last
+                            && model[i]
+                                .1
+                                .read(Access::new(0, 0, None), &mut [0u8; 8][..len])
+                                .is_ok()
+                    });
+                    let mut buf = [0u8; 8];
+                    let got = b.read(addr, &mut buf[..len]);
+                    assert_eq!(
+                        got.is_ok(),
+                        want.is_some(),
+                        "read round {round} addr {addr:#x}"
+                    );
+                }
+            }
+        }
+    }
 }

@@ -64,7 +64,7 @@ pub(crate) struct KeyIndex {
     base: u64,
     shift: u32,
     first_at: usize,
-    /// Number of buckets; 0: none.
+    /// Number of buckets (at least 1; 0 only in the empty index).
     buckets: usize,
     /// How a lookup counts inside its bucket, decided once per table from
     /// its fullest bucket (so the branch on it is always predicted): `1`
@@ -249,9 +249,6 @@ impl KeyIndex {
     /// path inlined into dispatch keeps few registers live.
     #[inline(never)]
     fn count_le_in_tree(&self, x: u64) -> usize {
-        if self.len == 0 {
-            return 0;
-        }
         let top: &[u64; BLOCK] = self.buf[self.top..]
             .first_chunk()
             .expect("the top level is padded to a whole block");

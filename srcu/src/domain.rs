@@ -118,6 +118,13 @@ impl<F: Flavor> Builder<F> {
     }
 
     /// Replaces the stall hook (default: one line on stderr).
+    ///
+    /// The hook runs on the thread that drives the stalled grace period:
+    /// often the caller of `synchronize`, but it may be another caller
+    /// waiting for the same grace period, or the callback worker (which
+    /// drives grace periods that callers want and deferred frees need). A
+    /// panic in the hook unwinds that thread, restores the grace-period
+    /// state, and reaches the callers only if they are that thread.
     pub fn on_stall(mut self, hook: impl Fn(&StallReport) + Send + Sync + 'static) -> Self {
         self.stall_hook = Some(std::sync::Arc::new(hook));
         self

@@ -3,14 +3,15 @@
 //!
 //! # The state machine
 //!
-//! Readers increment `lock[idx]` of the current index `idx = srcu_idx & 1`
-//! and later `unlock[idx]`. One grace period is:
+//! Readers increment `lock[idx]` of the current index `idx` (which they
+//! load as the address of its counter words, `Counters::cur`, the kernel's
+//! `srcu_ctrp`) and later `unlock[idx]`. One grace period is:
 //!
 //! ```text
 //!  F                         (caller's stores before the scans)
 //!  SCAN1: wait until index !idx is drained    -- stragglers that read the
 //!                                                old index before the last flip
-//!  E; flip: srcu_idx += 1; D
+//!  E; flip: idx = !idx (cur = &slots[0].lock[!idx]); D
 //!  SCAN2: wait until index idx (now inactive) is drained
 //!  G                         (scans before the caller's frees)
 //! ```

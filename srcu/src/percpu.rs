@@ -149,14 +149,11 @@ pub(crate) struct ReadTicket {
     pub(crate) held_slot: u8,
 }
 
-// SAFETY: a `ReadTicket` is an address and copies of plain fields; it gives
-// no access by itself: `words` is only dereferenced through
-// `rseq::percpu_inc`, whose contract the caller upholds on whichever thread
-// it runs. (Whether a guard may move is the guard's business: `ReadGuard`
-// is `!Send` through its own marker.)
-unsafe impl Send for ReadTicket {}
-// SAFETY: as above; `&ReadTicket` only copies the fields.
-unsafe impl Sync for ReadTicket {}
+// `ReadTicket` is neither `Send` nor `Sync` (its raw pointers see to
+// that): on the atomic path it carries its thread's stand-in rseq area, an
+// offset valid on that thread only, so the compiler keeps it there. A
+// section that changes threads gets a new ticket on the new thread
+// (`crate::SendableReadGuard`).
 
 // The sequence's displacements are the fields' offsets.
 #[cfg(not(loom))]
@@ -213,6 +210,9 @@ pub(crate) struct Counters {
     /// sequence (`percpu_inc`), through the address in the ticket.
     nr_cpus: u32,
     /// Meaningful only when `mode.is_rseq()` (then it came from `detect`).
+    /// Otherwise a placeholder that must never reach a sequence (`fs:[8]`
+    /// is glibc's `dtv`): tickets get it only through
+    /// [`Counters::ticket_rseq`] or a branch on an rseq mode.
     rseq: RseqOffset,
     /// The domain's slot in `held.rs`, handed to each guard in its ticket
     /// (fixed while the handle lives; see `Inner::held_slot`).
@@ -319,6 +319,7 @@ impl Counters {
     #[inline]
     fn ticket_rseq(&self) -> RseqOffset {
         if self.mode.is_rseq() {
+            debug_assert_ne!(self.rseq.0, 0, "an rseq mode has glibc's offset");
             self.rseq
         } else {
             rseq::stand_in()

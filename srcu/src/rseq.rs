@@ -349,3 +349,53 @@ pub(crate) unsafe fn locked_inc_at(base: *mut u64, offset: usize) {
         );
     }
 }
+
+#[cfg(all(test, target_os = "linux", target_arch = "x86_64", not(loom)))]
+mod tests {
+    use super::*;
+
+    /// The `u32` at `fs:[off]`.
+    fn fs_u32(off: isize) -> u32 {
+        let v: u32;
+        // SAFETY: the callers pass the offset of their own thread's
+        // stand-in (a live thread-local); a load without side effects.
+        unsafe {
+            core::arch::asm!(
+                "mov {v:e}, dword ptr fs:[{o}]",
+                o = in(reg) off,
+                v = out(reg) v,
+                options(nostack, readonly, preserves_flags),
+            );
+        }
+        v
+    }
+
+    /// On every thread (one with a large stack too, so that its TLS sits
+    /// elsewhere), the stand-in's offset reaches that thread's own area
+    /// through `fs`, its `cpu_id` is above every bound, and a sequence run
+    /// with it commits nothing.
+    #[test]
+    fn stand_in_is_the_calling_threads_and_never_commits() {
+        let check = || {
+            let area = stand_in();
+            assert_eq!(cpu_id(area), u32::MAX as usize);
+            assert_eq!(fs_u32(area.0 + 4), u32::MAX, "cpu_id read through fs");
+            let mut words = [0u64; 64];
+            let bound = 1u32;
+            // SAFETY: the stand-in of this thread; `words` covers CPU 0's
+            // word (the only one below the bound), which nothing else
+            // writes.
+            let committed = unsafe { percpu_inc::<0>(area, words.as_mut_ptr(), &bound) };
+            assert!(!committed);
+            assert!(words.iter().all(|&w| w == 0));
+        };
+        check();
+        std::thread::spawn(check).join().unwrap();
+        std::thread::Builder::new()
+            .stack_size(64 << 20)
+            .spawn(check)
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+}

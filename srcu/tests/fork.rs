@@ -119,3 +119,28 @@ fn fork_while_the_worker_runs_a_callback() {
     srcu.barrier();
     assert_eq!(srcu.pending_callbacks(), 0);
 }
+
+/// Sections held across the fork, one per counter path, end in the child
+/// (on the child's copy of the thread that began them: the atomic path's
+/// stand-in rseq area is at the same place there) and in the parent, and
+/// both processes' grace periods complete with no reader left.
+#[test]
+fn sections_held_across_fork_end_on_both_sides() {
+    let _one = FORKING.lock().unwrap_or_else(|e| e.into_inner());
+    let atomic: Srcu<srcu::Fast> = Srcu::builder().force_atomic_counters(true).build();
+    let rseq: Srcu<srcu::Fast> = Srcu::builder().build();
+    let mut held = Some((atomic.read_lock(), rseq.read_lock()));
+    in_forked_child("sections held across fork", || {
+        let inherited = (atomic.readers(), rseq.readers());
+        drop(held.take()); // the child's copies of both sections end here
+        atomic.synchronize();
+        rseq.synchronize();
+        inherited == (1, 1) && atomic.readers() == 0 && rseq.readers() == 0
+    });
+    // The parent's own sections are still held, and end here.
+    assert_eq!((atomic.readers(), rseq.readers()), (1, 1));
+    drop(held.take());
+    atomic.synchronize();
+    rseq.synchronize();
+    assert_eq!((atomic.readers(), rseq.readers()), (0, 0));
+}
