@@ -373,6 +373,25 @@ fn run_read(cfg: &Config, rep: &mut Report) {
                     &stats,
                     Some(base),
                 );
+                if threads == 1 && *key == "srcu_fast" {
+                    // The fast section against its floor, round by round:
+                    // each round times the two one after the other, so
+                    // a round's ratio is free of the minute-scale changes
+                    // in the machine's speed that the medians above mix.
+                    // (No floor row without rseq.)
+                    let floor = map.get(&("rseq_pair_floor", op.name()));
+                    if let Some(rounds) =
+                        floor.and_then(|f| paired_round_ratios(&stats.samples, &f.1, cfg.read_reps))
+                    {
+                        let m = median_of(rounds.iter().copied());
+                        let (lo, hi) = Stats { samples: rounds }.min_max();
+                        rep.note(format!(
+                            "per round, x the floor timed in the same round: median {m:.2}, {lo:.2} .. {hi:.2}"
+                        ));
+                        rep.values
+                            .insert(json.replace("_ns", "_per_round_floor_ratio"), m);
+                    }
+                }
                 let cs = &map[&(*key, op.name())].2;
                 if !cs.is_empty() {
                     rep.note(concurrent_note(cs));
@@ -384,6 +403,22 @@ fn run_read(cfg: &Config, rep: &mut Report) {
             }
         }
     }
+}
+
+/// The ratios of the medians of `a` and `b` round by round (each round:
+/// `reps` consecutive samples of each), or `None` if they were not taken
+/// in the same rounds.
+fn paired_round_ratios(a: &[f64], b: &[f64], reps: usize) -> Option<Vec<f64>> {
+    if reps == 0 || a.len() != b.len() || a.is_empty() || !a.len().is_multiple_of(reps) {
+        return None;
+    }
+    let round_median = |c: &[f64]| median_of(c.iter().copied());
+    Some(
+        a.chunks(reps)
+            .zip(b.chunks(reps))
+            .map(|(x, y)| round_median(x) / round_median(y))
+            .collect(),
+    )
 }
 
 /// The note of a grace-period row: what its calls cost besides time.
