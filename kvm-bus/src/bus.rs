@@ -1003,21 +1003,33 @@ mod tests {
             for _ in 0..50 {
                 let addr = rnd(96);
                 let last = addr + rnd(8);
-                let got: Vec<usize> = b.candidates(addr, last).map(|(i, _)| i).collect();
-                let want: Vec<usize> = b
-                    .entries
-                    .iter()
-                    .enumerate()
-                    .rev()
-                    .filter(|(_, e)| e.range.contains(addr, last - addr + 1))
-                    .map(|(i, _)| i)
-                    .collect();
-                assert_eq!(got, want, "addr {addr} last {last} bus {b:?}");
-                if !b.overlapping {
-                    let only = b.only_candidate(addr, last).map(|(i, _)| i);
-                    assert_eq!(only, want.first().copied(), "addr {addr} last {last}");
-                }
+                assert_candidates_match_linear_scan(&b, addr, last, format_args!("{b:?}"));
             }
+        }
+    }
+
+    /// The candidates of `[addr, last]` are the entries that contain it,
+    /// most specific first (a linear scan in reverse table order), and on
+    /// a bus without overlaps `only_candidate` is the first of them.
+    fn assert_candidates_match_linear_scan(
+        b: &IoBus,
+        addr: u64,
+        last: u64,
+        context: fmt::Arguments<'_>,
+    ) {
+        let got: Vec<usize> = b.candidates(addr, last).map(|(i, _)| i).collect();
+        let want: Vec<usize> = b
+            .entries
+            .iter()
+            .enumerate()
+            .rev()
+            .filter(|(_, e)| e.range.addr() <= addr && e.range.last() >= last)
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(got, want, "{context}: addr {addr:#x} last {last:#x}");
+        if !b.overlapping {
+            let only = b.only_candidate(addr, last).map(|(i, _)| i);
+            assert_eq!(only, want.first().copied(), "{context}: addr {addr:#x}");
         }
     }
 
@@ -1088,20 +1100,7 @@ mod tests {
                 .collect();
             for addr in edges.chain(random).chain([0, u64::MAX]) {
                 let last = addr.saturating_add(rnd(8));
-                let got: Vec<usize> = b.candidates(addr, last).map(|(i, _)| i).collect();
-                let want: Vec<usize> = b
-                    .entries
-                    .iter()
-                    .enumerate()
-                    .rev()
-                    .filter(|(_, e)| e.range.addr() <= addr && e.range.last() >= last)
-                    .map(|(i, _)| i)
-                    .collect();
-                assert_eq!(got, want, "round {round} addr {addr:#x} last {last:#x}");
-                if !b.overlapping {
-                    let only = b.only_candidate(addr, last).map(|(i, _)| i);
-                    assert_eq!(only, want.first().copied(), "round {round} addr {addr:#x}");
-                }
+                assert_candidates_match_linear_scan(&b, addr, last, format_args!("round {round}"));
             }
         }
     }
