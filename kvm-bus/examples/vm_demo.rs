@@ -71,7 +71,6 @@ mod demo {
 
     /// COM1: an 8250 UART over 8 ports.
     const COM1: u64 = 0x3f8;
-    const LSR_THR_EMPTY: i32 = 0x20;
     /// The i8042's data and command ports.
     const I8042_DATA: u64 = 0x60;
     const I8042_COMMAND: u64 = 0x64;
@@ -362,7 +361,7 @@ mod demo {
     /// `per_vcpu`) on COM1 as a driver does, holding the console spinlock.
     /// Clobbers rax, rcx, rdx, rsi.
     fn emit_print(a: &mut Asm, text: u64, per_vcpu: bool) {
-        let (spin, locked, next, busy) = (a.label(), a.label(), a.label(), a.label());
+        let (spin, locked) = (a.label(), a.label());
         a.bind(spin);
         a.mov_imm(Reg::Rax, 1);
         a.xchg_mem(Reg::Rbp, CONSOLE_LOCK, Reg::Rax);
@@ -381,18 +380,7 @@ mod demo {
         a.mov_imm(Reg::Rcx, 0);
         a.load(Width::B1, Reg::Rcx, Reg::Rsi, 0);
         a.inc(Reg::Rsi);
-        a.bind(next);
-        a.mov_imm(Reg::Rdx, COM1 + 5); // line status register
-        a.bind(busy);
-        a.in_dx(Width::B1);
-        a.and_imm(Reg::Rax, LSR_THR_EMPTY);
-        a.cmp_imm(Reg::Rax, 0);
-        a.jcc(Cond::Eq, busy);
-        a.load(Width::B1, Reg::Rax, Reg::Rsi, 0);
-        a.mov_imm(Reg::Rdx, COM1); // transmitter holding register
-        a.out_dx(Width::B1);
-        a.inc(Reg::Rsi);
-        a.loop_rcx(next);
+        a.uart_write(COM1); // polls the line status, writes the THR
         a.mov_imm(Reg::Rax, 0);
         a.store(Width::B8, Reg::Rbp, CONSOLE_LOCK, Reg::Rax);
     }

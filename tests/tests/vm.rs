@@ -444,11 +444,7 @@ fn ordering_guest(rounds: u32) -> (Vec<u8>, u64) {
     a.out_dx(Width::B1);
     // Breathe a little between pokes so the VMM thread and vCPU 0 get the
     // two host CPUs more often (the test must also be quick on 2 cores).
-    a.mov_imm(Reg::Rcx, HAMMER_PAUSES);
-    let breathe = a.label();
-    a.bind(breathe);
-    a.pause();
-    a.loop_rcx(breathe);
+    a.pause_n(HAMMER_PAUSES);
     a.cmp_mem32(Reg::Rbp, STOP, Reg::Rcx);
     a.jcc(Cond::Eq, again);
     a.hlt();

@@ -175,11 +175,7 @@ fn emit_poker(a: &mut Asm, port: u64) {
     a.mov_imm(Reg::Rdx, HP_PORT);
     a.out_dx(Width::B1);
     a.store(Width::B4, Reg::Rdi, 0, Reg::Rax);
-    a.mov_imm(Reg::Rcx, PAUSES);
-    let breathe = a.label();
-    a.bind(breathe);
-    a.pause();
-    a.loop_rcx(breathe);
+    a.pause_n(PAUSES);
     a.cmp_mem32(Reg::Rbp, STOP, Reg::Rcx);
     a.jcc(Cond::Eq, again);
     a.hlt();
@@ -998,7 +994,6 @@ fn vm_vcpu_index_in_access_fast() {
 // ---------------------------------------------------------------------------
 
 const COM1: u64 = 0x3f8;
-const LSR_THR_EMPTY: i32 = 0x20;
 
 fn out_imm(a: &mut Asm, port: u64, value: u64) {
     a.mov_imm(Reg::Rdx, port);
@@ -1006,25 +1001,12 @@ fn out_imm(a: &mut Asm, port: u64, value: u64) {
     a.out_dx(Width::B1);
 }
 
-/// What a driver does: polls the line status register until the
-/// transmitter holding register is empty (bit 5), then writes the byte;
-/// for `len` bytes at `text`.
+/// Prints the `len` bytes at `text` on COM1 as a polling driver does
+/// ([`Asm::uart_write`]).
 fn emit_uart_print(a: &mut Asm, text: u64, len: u64) {
     a.mov_imm(Reg::Rsi, text);
     a.mov_imm(Reg::Rcx, len);
-    let (next, busy) = (a.label(), a.label());
-    a.bind(next);
-    a.mov_imm(Reg::Rdx, COM1 + 5);
-    a.bind(busy);
-    a.in_dx(Width::B1);
-    a.and_imm(Reg::Rax, LSR_THR_EMPTY);
-    a.cmp_imm(Reg::Rax, 0);
-    a.jcc(Cond::Eq, busy);
-    a.load(Width::B1, Reg::Rax, Reg::Rsi, 0);
-    a.mov_imm(Reg::Rdx, COM1);
-    a.out_dx(Width::B1);
-    a.inc(Reg::Rsi);
-    a.loop_rcx(next);
+    a.uart_write(COM1);
 }
 
 fn superio<F: Flavor>() {

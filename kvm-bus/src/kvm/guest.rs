@@ -430,6 +430,59 @@ impl Asm {
         self.code.push(0xf4);
     }
 
+    /// `count` `pause`s (at least 1), counted down in `rcx`: a breather in
+    /// a guest loop that should leave the host CPUs to the VMM's threads
+    /// now and then. Clobbers `rcx` and flags.
+    ///
+    /// ```
+    /// let mut a = kvm_bus::kvm::Asm::new();
+    /// a.pause_n(50);
+    /// a.hlt();
+    /// // mov ecx, 50; pause; dec rcx; jnz -9; hlt
+    /// assert_eq!(a.finish().len(), 5 + 2 + 3 + 6 + 1);
+    /// ```
+    pub fn pause_n(&mut self, count: u64) {
+        self.mov_imm(Reg::Rcx, count);
+        let top = self.label();
+        self.bind(top);
+        self.pause();
+        self.loop_rcx(top);
+    }
+
+    /// What a polling 8250/16550 UART driver does to transmit: writes the
+    /// `rcx` bytes at `[rsi]` (`rcx` at least 1) to the UART at port
+    /// `uart`, each once its line status register (`uart + 5`) says the
+    /// transmitter holding register is empty (bit 5). Clobbers `rax`,
+    /// `rcx`, `rdx`, `rsi` and flags.
+    ///
+    /// ```
+    /// use kvm_bus::kvm::{Asm, Reg};
+    ///
+    /// let mut a = Asm::new();
+    /// a.mov_imm(Reg::Rsi, 0x2000); // the text, in guest memory
+    /// a.mov_imm(Reg::Rcx, 5); // its length
+    /// a.uart_write(0x3f8); // COM1
+    /// a.hlt();
+    /// assert!(a.finish().ends_with(&[0xf4]));
+    /// ```
+    pub fn uart_write(&mut self, uart: u64) {
+        /// Line status register: transmitter holding register empty.
+        const LSR_THR_EMPTY: i32 = 0x20;
+        let (next, busy) = (self.label(), self.label());
+        self.bind(next);
+        self.mov_imm(Reg::Rdx, uart + 5);
+        self.bind(busy);
+        self.in_dx(Width::B1);
+        self.and_imm(Reg::Rax, LSR_THR_EMPTY);
+        self.cmp_imm(Reg::Rax, 0);
+        self.jcc(Cond::Eq, busy);
+        self.load(Width::B1, Reg::Rax, Reg::Rsi, 0);
+        self.mov_imm(Reg::Rdx, uart);
+        self.out_dx(Width::B1);
+        self.inc(Reg::Rsi);
+        self.loop_rcx(next);
+    }
+
     /// Spins (with `pause`) until the dword at `[base + disp]` equals the
     /// low 32 bits of `value`. Clobbers nothing but flags.
     pub fn wait_eq32(&mut self, base: Reg, disp: i32, value: Reg) {
