@@ -737,7 +737,12 @@ mod tests {
     };
     const ADDR: u64 = 0xd000_0010;
 
-    fn kvm_bus_case(buses: Buses<impl srcu::Flavor>) -> Outcome {
+    /// kvm-bus with the device blocked inside an access while `remove`
+    /// takes it off the bus.
+    fn kvm_bus_case<F: srcu::Flavor>(
+        buses: Buses<F>,
+        remove: impl FnOnce(&Buses<F>, &Arc<dyn IoDevice>) + Send,
+    ) -> Outcome {
         let (probe, entered, release) = Probe::new();
         let dev: Arc<dyn IoDevice> = Arc::new(ProbeDev(Arc::clone(&probe)));
         buses
@@ -748,47 +753,36 @@ mod tests {
             entered,
             release,
             || buses.write(BusKind::Mmio, ADDR, &[1]).unwrap(),
-            || {
-                buses
-                    .unregister_dev(&mut buses.lock_slots(), BusKind::Mmio, &dev)
-                    .unwrap()
-            },
+            || remove(&buses, &dev),
             true,
         );
         assert_eq!(Arc::strong_count(&dev), 1, "kvm-bus let the device go");
         out
     }
 
+    fn unregister_dev<F: srcu::Flavor>(buses: &Buses<F>, dev: &Arc<dyn IoDevice>) {
+        buses
+            .unregister_dev(&mut buses.lock_slots(), BusKind::Mmio, dev)
+            .unwrap();
+    }
+
     #[test]
     fn kvm_bus_removal_is_safe() {
-        assert_eq!(kvm_bus_case(Buses::new()), SAFE);
-        assert_eq!(kvm_bus_case(Buses::new_fast()), SAFE);
+        assert_eq!(kvm_bus_case(Buses::new(), unregister_dev), SAFE);
+        assert_eq!(kvm_bus_case(Buses::new_fast(), unregister_dev), SAFE);
     }
 
     #[test]
     fn kvm_bus_start_unregister_completes_after_the_call() {
         // A removal started while the access is in the device: unpublished
         // at once, complete (Removal::wait returns) only after the call.
-        let (probe, entered, release) = Probe::new();
-        let buses = Buses::new();
-        let dev: Arc<dyn IoDevice> = Arc::new(ProbeDev(Arc::clone(&probe)));
-        buses
-            .register_dev(&mut buses.lock_slots(), BusKind::Mmio, R, Arc::clone(&dev))
-            .unwrap();
-        let out = run(
-            &probe,
-            entered,
-            release,
-            || buses.write(BusKind::Mmio, ADDR, &[1]).unwrap(),
-            || {
-                let removal = buses
-                    .start_unregister(&mut buses.lock_slots(), BusKind::Mmio, &dev)
-                    .unwrap();
-                assert!(buses.get_dev(BusKind::Mmio, ADDR).is_none());
-                removal.wait().unwrap();
-            },
-            true,
-        );
+        let out = kvm_bus_case(Buses::new(), |buses, dev| {
+            let removal = buses
+                .start_unregister(&mut buses.lock_slots(), BusKind::Mmio, dev)
+                .unwrap();
+            assert!(buses.get_dev(BusKind::Mmio, ADDR).is_none());
+            removal.wait().unwrap();
+        });
         assert_eq!(out, SAFE);
     }
 
