@@ -206,8 +206,9 @@ pub(crate) struct Counters {
     cur: AtomicPtr<u64>,
     /// Read by every `read_lock`.
     mode: ReadMode,
-    /// The per-CPU slots; read from memory by the compare of every rseq
-    /// sequence (`percpu_inc`), through the address in the ticket.
+    /// The number of per-CPU slots (the shared ones follow them); read from
+    /// memory by the compare of every rseq sequence (`percpu_inc`),
+    /// through the address in the ticket.
     nr_cpus: u32,
     /// Meaningful only when `mode.is_rseq()` (then it came from `detect`).
     /// Otherwise a placeholder that must never reach a sequence (`fs:[8]`
@@ -217,6 +218,7 @@ pub(crate) struct Counters {
     /// The domain's slot in `held.rs`, handed to each guard in its ticket
     /// (fixed while the handle lives; see `Inner::held_slot`).
     held_slot: u8,
+    /// `nr_cpus` per-CPU slots, then `NR_SHARED` shared ones.
     slots: Box<[CachePadded<Slot>]>,
 }
 
@@ -287,18 +289,12 @@ impl Counters {
 
     /// Presets every counter (wrap-around tests).
     pub(crate) fn preset(&self, value: usize) {
-        for s in self.slots() {
+        for s in self.slots.iter() {
             for i in 0..2 {
                 s.lock[i].store(value, Relaxed);
                 s.unlock[i].store(value, Relaxed);
             }
         }
-    }
-
-    /// The counter slots.
-    #[inline(always)]
-    fn slots(&self) -> &[CachePadded<Slot>] {
-        &self.slots
     }
 
     #[inline(always)]
@@ -347,7 +343,7 @@ impl Counters {
     /// The index of counter words.
     #[inline]
     fn words_idx(&self, words: *mut u64) -> usize {
-        let off = words.addr().wrapping_sub(self.slots().as_ptr().addr());
+        let off = words.addr().wrapping_sub(self.slots.as_ptr().addr());
         // `& 1` also tells the compiler the index is in bounds.
         ((off - LOCK_OFFSET) / core::mem::size_of::<AtomicUsize>()) & 1
     }
@@ -359,10 +355,10 @@ impl Counters {
         if self.mode.is_rseq() {
             // Threads whose rseq area works never reach here for
             // rseq-written words; the others use the shared slots.
-            return &self.slots()[self.nr_cpus as usize + thread_hint() % NR_SHARED.max(1)];
+            return &self.slots[self.nr_cpus as usize + thread_hint() % NR_SHARED.max(1)];
         }
-        let n = self.slots().len();
-        &self.slots()[thread_hint() % n]
+        let n = self.slots.len();
+        &self.slots[thread_hint() % n]
     }
 
     /// `read_lock`: loads the current counter words (the index), makes the
@@ -423,7 +419,7 @@ impl Counters {
                         #[cfg(not(all(target_arch = "x86_64", not(loom))))]
                         {
                             // SAFETY: `cpu < nr_cpus <= slots.len()`.
-                            let slot = unsafe { self.slots().get_unchecked(cpu) };
+                            let slot = unsafe { self.slots.get_unchecked(cpu) };
                             Self::atomic_inc_lock_full(slot, self.words_idx(words));
                         }
                         break 'rseq rseq;
@@ -458,7 +454,7 @@ impl Counters {
             let cpu = rseq::cpu_id(self.rseq);
             let slot = if cpu < self.nr_cpus as usize {
                 // SAFETY: `cpu < nr_cpus <= slots.len()`.
-                unsafe { self.slots().get_unchecked(cpu) }
+                unsafe { self.slots.get_unchecked(cpu) }
             } else {
                 self.atomic_slot()
             };
@@ -540,7 +536,7 @@ impl Counters {
     }
 
     fn sum(&self, pick: impl Fn(&Slot) -> &AtomicUsize) -> usize {
-        self.slots()
+        self.slots
             .iter()
             .fold(0usize, |acc, s| acc.wrapping_add(pick(s).load(Relaxed)))
     }
@@ -668,18 +664,18 @@ impl PairFloor {
         // `c.rseq` came from `detect`); the fallback writes only a shared
         // slot.
         if !unsafe { rseq::percpu_inc::<LOCK_OFFSET>(rseq, words, nr_cpus) } {
-            c.slots()[c.nr_cpus as usize].lock[0].fetch_add(1, Relaxed);
+            c.slots[c.nr_cpus as usize].lock[0].fetch_add(1, Relaxed);
         }
         // SAFETY: as above, for the `unlock[0]` words.
         if !unsafe { rseq::percpu_inc::<UNLOCK_OFFSET>(rseq, words, nr_cpus) } {
-            c.slots()[c.nr_cpus as usize].unlock[0].fetch_add(1, Relaxed);
+            c.slots[c.nr_cpus as usize].unlock[0].fetch_add(1, Relaxed);
         }
     }
 
     /// Every increment made so far (a lost one would show here).
     pub(crate) fn total(&self) -> u64 {
         self.0
-            .slots()
+            .slots
             .iter()
             .map(|s| {
                 s.lock[0]
