@@ -312,6 +312,40 @@ impl<T: Send + 'static> Stale<T> {
         false
     }
 
+    /// Hands the value back if its grace period has already completed,
+    /// else returns `self` unchanged. Never blocks and, unlike
+    /// [`is_complete`](Stale::is_complete), never asks for a grace period:
+    /// for an updater that keeps what it unpublished and frees it itself
+    /// once some grace period (its own `synchronize`, the callback
+    /// worker's) has made that safe, on its own thread, where the memory
+    /// came from. Whatever it gives up waiting for, it drops: the usual
+    /// deferred free.
+    ///
+    /// ```
+    /// let srcu = srcu::Srcu::new();
+    /// let old = srcu.retire(vec![1u8; 64]);
+    /// let old = old.try_take().unwrap_err(); // no grace period since
+    /// srcu.synchronize();
+    /// assert_eq!(old.try_take().unwrap().len(), 64);
+    /// ```
+    pub fn try_take(mut self) -> Result<Box<T>, Stale<T>> {
+        // Acquire (in `completed`): pairs with the release store after
+        // barrier G, so the readers' accesses to the value happened before
+        // whatever the caller does with it.
+        // (No check for a dropped domain handle, which needs the callback
+        // lock: then no grace period completes any more, and dropping the
+        // `Stale` frees the value at once.)
+        // (`--cfg srcu_teeth="try_take"` skips the check, for
+        // scripts/teeth.sh: the kvm-bus test of retired tables must fail.)
+        if cfg!(srcu_teeth = "try_take") || self.domain.gp.completed() >= self.safe_after {
+            return Ok(self
+                .value
+                .take()
+                .expect("Stale always holds a value until consumed"));
+        }
+        Err(self)
+    }
+
     /// Runs `f` with the value once no reader can see it, on the callback
     /// worker (a `call_srcu`); never blocks. For notification: send the
     /// value, or a message, to whoever waits.
