@@ -7,6 +7,10 @@
 #   bash scripts/teeth.sh            # all removals (~10 minutes on 2 cores)
 #   bash scripts/teeth.sh a b        # just these
 #
+# `try_take` makes `Stale::try_take` ignore the grace period, so kvm-bus
+# frees retired tables under their readers: the kvm-bus `buses` suite
+# (run for every removal) must catch it.
+#
 # A removal is CAUGHT when at least one suite fails. `rseq_wide` is the
 # control: the widened rseq window *with* its restart must pass everything.
 # `scan1` deletes the first scan of a grace period (the inactive index,
@@ -18,7 +22,7 @@
 set -u
 cd "$(dirname "$0")/.."
 removals=("$@")
-[ ${#removals[@]} -eq 0 ] && removals=(a b c d scan1 membarrier rseq_restart rseq_wide)
+[ ${#removals[@]} -eq 0 ] && removals=(a b c d scan1 membarrier rseq_restart try_take rseq_wide)
 export SRCU_LITMUS_ITERS=${SRCU_LITMUS_ITERS:-4000000}
 export SRCU_TORTURE_SECS=${SRCU_TORTURE_SECS:-1}
 summary=()
@@ -35,18 +39,20 @@ for x in "${removals[@]}"; do
         run litmus "$log/litmus.txt" cargo test -p srcu --release --test litmus -- --nocapture)
     torture=$(RUSTFLAGS="--cfg srcu_teeth=\"$x\"" CARGO_TARGET_DIR=target/teeth \
         run torture "$log/torture.txt" cargo test -p srcu --release --test torture -- --nocapture --test-threads 1)
+    buses=$(RUSTFLAGS="--cfg srcu_teeth=\"$x\"" CARGO_TARGET_DIR=target/teeth \
+        run buses "$log/buses.txt" cargo test -p kvm-bus --release --test buses)
     verdict="not caught"
-    if [ "$loom" = FAIL ] || [ "$litmus" = FAIL ] || [ "$torture" = FAIL ]; then verdict="CAUGHT"; fi
+    if [ "$loom" = FAIL ] || [ "$litmus" = FAIL ] || [ "$torture" = FAIL ] || [ "$buses" = FAIL ]; then verdict="CAUGHT"; fi
     if [ "$x" = rseq_wide ]; then
         # The control: same widened window, restart kept. Must pass.
         if [ "$verdict" = CAUGHT ]; then verdict="CONTROL FAILED"; else verdict="control passes"; fi
     fi
-    line=$(printf '| %-13s | %-5s | %-6s | %-7s | %s |' "$x" "$loom" "$litmus" "$torture" "$verdict")
+    line=$(printf '| %-13s | %-5s | %-6s | %-7s | %-5s | %s |' "$x" "$loom" "$litmus" "$torture" "$buses" "$verdict")
     echo "$line"
-    grep -hE "^(litmus|torture|counters) |forbidden|panicked at" "$log"/*.txt | head -8 | sed 's/^/    /'
+    grep -hE "^(litmus|torture|counters) |forbidden|panicked at|SIGSEGV" "$log"/*.txt | head -8 | sed 's/^/    /'
     summary+=("$line")
 done
 echo
-echo "| removed       | loom  | litmus | torture | verdict |"
-echo "|---------------|-------|--------|---------|---------|"
+echo "| removed       | loom  | litmus | torture | buses | verdict |"
+echo "|---------------|-------|--------|---------|-------|---------|"
 printf '%s\n' "${summary[@]}"

@@ -19,6 +19,11 @@
 //! `register_dev` into a bus of 0 to 49 devices (as `bench-report`'s
 //! `register_ns`), and into one of 900 to 949.
 //!
+//! `... -- bench-reg [ROUNDS]`: `bench-report`'s `register_ns` and
+//! `register_sync_ns` measurements as they are (one `Buses`, batches of
+//! 50 registrations each followed by an `unregister_many`), ROUNDS times:
+//! median ns of each.
+//!
 //! `... -- loop BUS N ITERS [fixed|random]`: only ITERS dispatches (BUS =
 //! srcu, srcu_fast, rwlock_btreemap or get_dev) on an N-device bus, for
 //! `valgrind --tool=callgrind --branch-sim=yes` and `perf record`.
@@ -219,6 +224,18 @@ fn main() {
                 .get(2)
                 .map_or(vec![0, 900], |s| vec![s.parse().expect("SIZE")]),
         ),
+        Some("bench-reg") => {
+            for _ in 0..args.get(1).map_or(3, |r| r.parse().expect("ROUNDS")) {
+                let buses = Buses::new();
+                let d = bus::register_latency(&buses, bus::RegisterMode::Deferred, 1001, 50);
+                let s = bus::register_latency(&buses, bus::RegisterMode::SyncInside, 1001, 50);
+                println!(
+                    "register_dev {:.0} ns, register_dev + synchronize {:.0} ns",
+                    d.median(),
+                    s.median()
+                );
+            }
+        }
         Some("loop") => {
             let which = args.get(1).expect("BUS").as_str();
             let n: usize = args.get(2).expect("N").parse().expect("N");

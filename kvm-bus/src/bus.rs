@@ -152,6 +152,15 @@ impl IoBus {
         }
     }
 
+    /// The memory this table occupies: what retiring it keeps alive
+    /// (`retired.rs`).
+    pub(crate) fn heap_bytes(&self) -> usize {
+        core::mem::size_of::<IoBus>()
+            + core::mem::size_of_val::<[Entry]>(&self.entries)
+            + self.starts.heap_bytes()
+            + self.max_last.heap_bytes()
+    }
+
     /// This bus's entries merged with `new`, in table order
     /// ([`order_key`]; a new range goes before existing equal ones, and
     /// within `new` later entries before earlier ones, so that reverse
@@ -172,12 +181,12 @@ impl IoBus {
             // The old entries that go before `range`: a run copied at once.
             let at = done
                 + self.entries[done..].partition_point(|e| order_key(&e.range) < order_key(range));
-            b.extend_copied(&self.entries[done..at]);
+            b.extend_copied(&self.entries[done..at], self.overlapping);
             done = at;
             // SAFETY: forwarded to the caller.
             b.push(*range, unsafe { DevRef::new(dev) });
         }
-        b.extend_copied(&self.entries[done..]);
+        b.extend_copied(&self.entries[done..], self.overlapping);
         b.finish()
     }
 
@@ -654,13 +663,21 @@ impl Builder {
 
     /// Pushes non-owning copies of `run` (entries of a table, in order,
     /// that all go after what was pushed so far): one copy of the whole
-    /// run, and one pass for the overlap bookkeeping.
-    fn extend_copied(&mut self, run: &[Entry]) {
-        let mut first = self.entries.is_empty();
-        for e in run {
-            self.overlapping |= !first && e.range.addr() <= self.max_last;
-            self.max_last = self.max_last.max(e.range.last());
-            first = false;
+    /// run, and the overlap bookkeeping. If `run` comes from a table
+    /// without overlaps, its entries are disjoint and sorted, so the last
+    /// one ends last and only the first can overlap what went before: two
+    /// compares, not a pass.
+    fn extend_copied(&mut self, run: &[Entry], from_overlapping: bool) {
+        if from_overlapping {
+            let mut first = self.entries.is_empty();
+            for e in run {
+                self.overlapping |= !first && e.range.addr() <= self.max_last;
+                self.max_last = self.max_last.max(e.range.last());
+                first = false;
+            }
+        } else if let (Some(head), Some(tail)) = (run.first(), run.last()) {
+            self.overlapping |= !self.entries.is_empty() && head.range.addr() <= self.max_last;
+            self.max_last = self.max_last.max(tail.range.last());
         }
         debug_assert!(match (self.entries.last(), run.first()) {
             (Some(a), Some(b)) => order_key(&a.range) <= order_key(&b.range),

@@ -7,6 +7,7 @@ use crate::error::BusError;
 use crate::kind::BusKind;
 use crate::range::IoRange;
 use crate::removal::Removal;
+use crate::retired::{Retired, RECLAIM_PER_UPDATE};
 use crate::MAX_IO_BUS_DEVICES;
 use core::fmt;
 use core::sync::atomic::{fence, Ordering};
@@ -50,6 +51,10 @@ struct Registry {
     /// Per bus: refuse ranges that overlap a registered one
     /// ([`Buses::set_reject_overlaps`]).
     reject_overlaps: [bool; 3],
+    /// Unpublished tables of every bus, freed here once a grace period has
+    /// passed (`retired.rs`). Only ever dropped: their device pointers are
+    /// never followed again, so they need no counts of their own.
+    retired: Retired,
 }
 
 /// Proof that the slots lock of one [`Buses`] is held; from
@@ -159,8 +164,40 @@ impl<F: Flavor> Buses<F> {
         self.max_devices
     }
 
+    /// The unpublished tables kept until a grace period lets the updater
+    /// free them itself, on its own thread (at most 256 KiB of them; past
+    /// that the oldest go to `call_srcu`). No grace period is started for
+    /// them: an unregistration frees every one its own grace period
+    /// covered, and each update frees up to two whose grace period some
+    /// other party completed. Dropping the `Buses` frees them all.
+    ///
+    /// ```
+    /// use kvm_bus::{Access, Buses, BusKind, Declined, WriteResult, IoDevice, IoRange};
+    /// use std::sync::Arc;
+    /// struct Sink;
+    /// impl IoDevice for Sink {
+    ///     fn read(&self, _: Access, _: &mut [u8]) -> Result<(), Declined> { Err(Declined) }
+    ///     fn write(&self, _: Access, _: &[u8]) -> WriteResult { Ok(None) }
+    /// }
+    /// let buses = Buses::new();
+    /// let mut slots = buses.lock_slots();
+    /// let (a, b): (Arc<dyn IoDevice>, Arc<dyn IoDevice>) = (Arc::new(Sink), Arc::new(Sink));
+    /// buses.register_dev(&mut slots, BusKind::Pio, IoRange::new(0x70, 2)?, a.clone())?;
+    /// buses.register_dev(&mut slots, BusKind::Pio, IoRange::new(0x80, 2)?, b)?;
+    /// assert_eq!(buses.retired_tables(&slots).tables, 2); // the empty one, then [a]
+    /// buses.unregister_dev(&mut slots, BusKind::Pio, &a)?; // waits a grace period
+    /// assert_eq!(buses.retired_tables(&slots).tables, 0);
+    /// # Ok::<(), kvm_bus::BusError>(())
+    /// ```
+    pub fn retired_tables(&self, slots: &SlotsGuard<'_>) -> crate::RetiredTables {
+        self.check(slots);
+        slots.guard.retired.counts()
+    }
+
     /// The VM's SRCU domain (for other SRCU-protected VM state, or
-    /// [`Srcu::barrier`] to wait for deferred frees).
+    /// [`Srcu::barrier`] to wait for the deferred frees handed to
+    /// `call_srcu`; tables an updater frees itself are in
+    /// [`retired_tables`](Buses::retired_tables)).
     ///
     /// ```
     /// let buses = kvm_bus::Buses::new();
@@ -287,8 +324,8 @@ impl<F: Flavor> Buses<F> {
         //
         //   forbidden: r0 == 1 && r1 == old table.
         //
-        // W (after the publish in `register_many`, `move_range`,
-        // `publish_removal`) is a release fence before the flag store; R
+        // W (in `publish`, after the swap, for every update) is a release
+        // fence before the flag store; R
         // orders the flag load before the pointer load; a flag load that
         // reads W's flag store therefore synchronises with it, and the
         // pointer load sees the publish or a later one. Only load->load
@@ -549,7 +586,9 @@ impl<F: Flavor> Buses<F> {
         range: IoRange,
         dev: Arc<dyn IoDevice>,
     ) -> Result<(), BusError> {
-        self.register_many(slots, kind, [(range, dev)])
+        // An array, not `register_many`'s collected `Vec`: one allocation
+        // less per registration.
+        self.register_batch(slots, kind, [(range, dev)])
     }
 
     /// Registers a batch with one publish (VM start-up): all or nothing.
@@ -588,8 +627,24 @@ impl<F: Flavor> Buses<F> {
         kind: BusKind,
         devs: impl IntoIterator<Item = (IoRange, Arc<dyn IoDevice>)>,
     ) -> Result<(), BusError> {
+        let new: Vec<_> = devs.into_iter().collect();
+        self.register_batch(slots, kind, new)
+    }
+
+    /// [`register_many`](Buses::register_many) of a batch held in an array
+    /// or a `Vec`.
+    fn register_batch<B>(
+        &self,
+        slots: &mut SlotsGuard<'_>,
+        kind: BusKind,
+        mut batch: B,
+    ) -> Result<(), BusError>
+    where
+        B: AsMut<[(IoRange, Arc<dyn IoDevice>)]>
+            + IntoIterator<Item = (IoRange, Arc<dyn IoDevice>)>,
+    {
         self.check(slots);
-        let mut new: Vec<_> = devs.into_iter().collect();
+        let new = batch.as_mut();
         if new.is_empty() {
             return Ok(());
         }
@@ -602,7 +657,7 @@ impl<F: Flavor> Buses<F> {
             Some(n) if n <= self.max_devices => {}
             _ => return Err(full),
         }
-        for (range, _) in &new {
+        for (range, _) in new.iter() {
             self.check_range(slots, bus, kind, *range, None)?;
         }
         if slots.guard.reject_overlaps[kind.index()] {
@@ -621,16 +676,9 @@ impl<F: Flavor> Buses<F> {
         // under the same slots lock, and stay there until unregistration
         // has waited for a grace period after this table (and any later one
         // holding the device) was unpublished.
-        let new_bus = unsafe { bus.with_added(&mut new) };
-        slots.guard.owned[kind.index()].extend(new.into_iter().map(|(_, d)| d));
-        let old = self.cells[kind.index()].assign(new_bus, &mut slots.guard);
-        // W, the writer half of the observation guarantee: orders the
-        // publish before every store this thread makes after returning (a
-        // flag, a reply to the guest), pairing with fence R in
-        // `get_bus_srcu` (litmus test there). Free on x86_64 after the
-        // locked swap of `assign`.
-        fence(Ordering::SeqCst);
-        drop(old); // the table's memory, freed by call_srcu: no wait here
+        let new_bus = unsafe { bus.with_added(new) };
+        slots.guard.owned[kind.index()].extend(batch.into_iter().map(|(_, d)| d));
+        self.publish(slots, kind, new_bus);
 
         Ok(())
     }
@@ -754,7 +802,11 @@ impl<F: Flavor> Buses<F> {
         // move a BAR, or to start an eject) while this waits for that very
         // handler's read section. Sound because `slots` is borrowed
         // mutably: no reference obtained under it is alive.
-        slots.guard.unlocked(|| removal.wait())
+        slots.guard.unlocked(|| removal.wait())?;
+        // The grace period just waited for covers every table retired
+        // before the unpublish: free them now, on this thread.
+        slots.guard.retired.reclaim(usize::MAX);
+        Ok(())
     }
 
     /// Unregisters the one entry of `dev` at exactly `range`, leaving the
@@ -800,7 +852,11 @@ impl<F: Flavor> Buses<F> {
             return Err(BusError::InReadSection { kind });
         }
         let removal = self.start_unregister_range(slots, kind, range, dev)?;
-        slots.guard.unlocked(|| removal.wait())
+        slots.guard.unlocked(|| removal.wait())?;
+        // The grace period just waited for covers every table retired
+        // before the unpublish: free them now, on this thread.
+        slots.guard.retired.reclaim(usize::MAX);
+        Ok(())
     }
 
     /// Starts unregistering every entry of `dev`: publishes the table
@@ -905,6 +961,25 @@ impl<F: Flavor> Buses<F> {
         Ok(self.publish_removal(slots, kind, new_bus, released))
     }
 
+    /// Publishes `new_bus` as bus `kind` and retires the table it replaces
+    /// (`retired.rs`): no wait here. First frees a few older retired tables
+    /// whose grace period has completed meanwhile.
+    fn publish(&self, slots: &mut SlotsGuard<'_>, kind: BusKind, new_bus: IoBus) {
+        let bytes = self.get_bus(slots, kind).heap_bytes();
+        let old = self.cells[kind.index()].assign(new_bus, &mut slots.guard);
+        // W, the writer half of the observation guarantee: orders the
+        // publish before every store this thread makes after returning (a
+        // flag, a reply to the guest; for a removal: telling the guest the
+        // device is gone), pairing with fence R in `get_bus_srcu` (litmus
+        // test there). Free on x86_64 after the locked swap of `assign`.
+        fence(Ordering::SeqCst);
+        let retired = &mut slots.guard.retired;
+        retired.reclaim(RECLAIM_PER_UPDATE);
+        if let Some(old) = old {
+            retired.push(old, bytes);
+        }
+    }
+
     /// Publishes `new_bus` (which no longer holds the entries whose counts
     /// are `released`) and hands both the old table and the counts to the
     /// domain: they are released after one grace period.
@@ -915,16 +990,12 @@ impl<F: Flavor> Buses<F> {
         new_bus: IoBus,
         released: Vec<Arc<dyn IoDevice>>,
     ) -> Removal {
-        let old = self.cells[kind.index()].assign(new_bus, &mut slots.guard);
-        // Orders the unpublish before whatever the caller does next (tell
-        // the guest the device is gone), as registration does.
-        fence(Ordering::SeqCst);
-        // The grace period that completes the removal started after the
-        // unpublish; every older table still queued for its deferred free
-        // was unpublished earlier still, so afterwards no reader can reach
-        // the released devices. (Those tables hold non-owning pointers
-        // they never follow again.)
-        drop(old);
+        // The grace period that completes the removal starts after this
+        // unpublish; every older table still retired or queued for its
+        // deferred free was unpublished earlier still, so afterwards no
+        // reader can reach the released devices. (Those tables hold
+        // non-owning pointers nothing follows again.)
+        self.publish(slots, kind, new_bus);
         Removal::new(kind, self.srcu.retire(released))
     }
 
@@ -981,10 +1052,7 @@ impl<F: Flavor> Buses<F> {
             .ok_or(BusError::NotRegistered { kind })?;
         self.check_range(slots, bus, kind, to, Some(i))?;
         let new_bus = bus.with_entry_moved(i, Some(to));
-        let old = self.cells[kind.index()].assign(new_bus, &mut slots.guard);
-        // Writer half of the observation guarantee, as in `register_many`.
-        fence(Ordering::SeqCst);
-        drop(old); // freed by call_srcu: no wait here
+        self.publish(slots, kind, new_bus);
         Ok(())
     }
 

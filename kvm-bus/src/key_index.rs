@@ -118,66 +118,86 @@ impl KeyIndex {
             + BLOCK;
         let total = tree + depth + buckets + 1;
         // Pads the front to the first 64-byte boundary (the capacity
-        // leaves room for it; the buffer is filled in place, never moved).
+        // leaves room for it). Every word up to `front + total` is written
+        // once, into the spare capacity (the buffer is never moved), and
+        // only then counted in.
         let mut buf: Vec<u64> = Vec::with_capacity(total + BLOCK - 1);
         let front = buf.as_ptr().align_offset(64).min(BLOCK - 1);
-        buf.resize(front + total, u64::MAX);
-        // The levels, top first, each padded to whole blocks (the padding
-        // is already there: `u64::MAX`), then a block of padding.
+        let out = &mut buf.spare_capacity_mut()[..front + total];
+        let u = core::mem::MaybeUninit::new;
+        out[..front].fill(u(u64::MAX));
+        // The levels, top first, each padded to whole blocks with
+        // `u64::MAX`, then a block of padding.
         let mut levels = [0; MAX_DEPTH];
         let mut at = front;
         for k in (0..=depth).rev() {
             if k < depth {
                 levels[depth - 1 - k] = at as u64;
             }
-            let level = &mut buf[at..at + sizes[k]];
+            let level = &mut out[at..at + sizes[k].next_multiple_of(BLOCK)];
+            let (keys, padding) = level.split_at_mut(sizes[k]);
             if k == 0 {
-                for (slot, item) in level.iter_mut().zip(items) {
-                    *slot = key(item);
+                for (slot, item) in keys.iter_mut().zip(items) {
+                    *slot = u(key(item));
                 }
             } else {
                 let stride = BLOCK.pow(k as u32);
-                for (j, slot) in level.iter_mut().enumerate() {
-                    *slot = key(&items[(j + 1) * stride - 1]);
+                for (j, slot) in keys.iter_mut().enumerate() {
+                    *slot = u(key(&items[(j + 1) * stride - 1]));
                 }
             }
-            at += sizes[k].next_multiple_of(BLOCK);
+            padding.fill(u(u64::MAX));
+            at += level.len();
         }
+        let bottom = at - n.next_multiple_of(BLOCK);
+        out[at..at + BLOCK].fill(u(u64::MAX));
         at += BLOCK;
         let levels_at = at;
-        buf[at..at + depth].copy_from_slice(&levels[..depth]);
+        for (slot, &level) in out[at..at + depth].iter_mut().zip(&levels) {
+            *slot = u(level);
+        }
         let first_at = at + depth;
-        // Bucket `b` gets the number of keys before it: the first key of a
-        // bucket fills the entries from the last filled one up to its own;
-        // the others count towards the fullest bucket.
-        let table = &mut buf[first_at..first_at + buckets + 1];
+        // Bucket `b` gets the number of keys before it: each key writes the
+        // counts of the buckets from the last one written up to its own
+        // (its index), and counts towards the fullest bucket.
+        let table = &mut out[first_at..];
         let (mut filled, mut fullest, mut run) = (0, 0, 0);
         for (j, item) in items.iter().enumerate() {
             let b = ((key(item) - base) >> shift) as usize;
             if b < filled {
                 run += 1;
             } else {
-                table[filled..=b].fill(j as u64);
+                table[filled..=b].fill(u(j as u64));
                 (filled, run) = (b + 1, 1);
             }
             fullest = fullest.max(run);
         }
-        table[filled..].fill(n as u64);
+        table[filled..].fill(u(n as u64));
+        debug_assert_eq!(table.len(), buckets + 1);
+        // SAFETY: `out`, the first `front + total` words of the spare
+        // capacity, is written throughout: the front padding, each level's
+        // keys and padding and the padding block back to back (`at` moves
+        // on by what was written), the `depth` level starts, and the bucket
+        // table, the rest of `out` (`total` counts exactly these).
+        unsafe { buf.set_len(front + total) };
         let bucket_width = match fullest {
             0 | 1 => 1,
             2..=BLOCK => BLOCK,
             _ => 0,
         };
-        debug_assert_eq!(buf.len(), front + total);
+        debug_assert_eq!(
+            bottom,
+            if depth == 0 {
+                front
+            } else {
+                levels[depth - 1] as usize
+            }
+        );
         KeyIndex {
             top: front,
             depth,
             levels_at,
-            bottom: if depth == 0 {
-                front
-            } else {
-                levels[depth - 1] as usize
-            },
+            bottom,
             len: n,
             base,
             shift,
@@ -186,6 +206,11 @@ impl KeyIndex {
             bucket_width,
             buf,
         }
+    }
+
+    /// The bytes of its buffer.
+    pub(crate) fn heap_bytes(&self) -> usize {
+        self.buf.capacity() * core::mem::size_of::<u64>()
     }
 
     /// The most keys in one bucket (0 without buckets).

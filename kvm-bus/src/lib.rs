@@ -188,6 +188,7 @@ mod key_index;
 mod kind;
 mod range;
 mod removal;
+mod retired;
 
 pub use bus::IoBus;
 pub use buses::{Buses, SlotsGuard};
@@ -196,6 +197,7 @@ pub use error::BusError;
 pub use kind::BusKind;
 pub use range::IoRange;
 pub use removal::Removal;
+pub use retired::RetiredTables;
 pub use srcu::{Classic, Fast, Flavor, ReadGuard, Srcu};
 
 /// Default cap on the entries of one bus (Linux `NR_IOBUS_DEVS`); see

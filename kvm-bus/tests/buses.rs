@@ -828,3 +828,84 @@ fn unregister_waits_for_handler_classic() {
 fn unregister_waits_for_handler_fast() {
     unregister_waits_for_handler(Buses::new_fast());
 }
+
+/// Unpublished tables wait on the updater's side (`Buses::retired_tables`)
+/// until a grace period has passed: a table a reader holds stays intact
+/// through hundreds of registrations (each of which tries to free retired
+/// tables; the reader checks its table after every one), and the first
+/// unregistration after the reader leaves frees every table still kept.
+/// (A table freed early hands its memory to a later table, which the
+/// reader would then see.)
+fn retired_tables_outlive_their_readers<F: Flavor>(buses: Buses<F>) {
+    let buses = Arc::new(buses);
+    let (p, _) = Probe::new();
+    buses
+        .register_dev(
+            &mut buses.lock_slots(),
+            BusKind::Mmio,
+            r(0x1000, 4),
+            dynp(&p),
+        )
+        .unwrap();
+    let (check_tx, check_rx) = std::sync::mpsc::channel::<bool>();
+    let (ok_tx, ok_rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn({
+        let buses = buses.clone();
+        move || {
+            let g = buses.read_lock();
+            let bus = buses.get_bus_srcu(&g, BusKind::Mmio);
+            let before: Vec<IoRange> = bus.iter().map(|(range, _)| range).collect();
+            assert_eq!(before, [r(0x1000, 4)]);
+            ok_tx.send(()).unwrap();
+            // `true`: check and go on; `false`: check and leave.
+            while let Ok(more) = check_rx.recv() {
+                let now: Vec<IoRange> = bus.iter().map(|(range, _)| range).collect();
+                assert_eq!(now, before, "the table changed under its reader");
+                let mut v = [0u8; 4];
+                bus.read(0x1000, &mut v).unwrap();
+                assert_eq!(v, [0x5a; 4]);
+                ok_tx.send(()).unwrap();
+                if !more {
+                    break;
+                }
+            }
+        }
+    });
+    ok_rx.recv().unwrap();
+    let mut slots = buses.lock_slots();
+    let others: Vec<Arc<dyn IoDevice>> = (0..300).map(|_| dynp(&Probe::new().0)).collect();
+    for (i, d) in others.iter().enumerate() {
+        let range = r(0x10_0000 + 0x100 * i as u64, 0x10);
+        buses
+            .register_dev(&mut slots, BusKind::Mmio, range, d.clone())
+            .unwrap();
+        check_tx.send(i + 1 < others.len()).unwrap();
+        ok_rx
+            .recv()
+            .expect("the reader found its table changed (see its panic)");
+    }
+    let kept = buses.retired_tables(&slots);
+    assert!(kept.tables > 10, "{kept:?}");
+    assert!(kept.bytes <= 256 << 10, "{kept:?}");
+    drop(slots);
+    reader.join().unwrap();
+    let mut slots = buses.lock_slots();
+    buses
+        .unregister_dev(&mut slots, BusKind::Mmio, &others[0])
+        .unwrap();
+    assert_eq!(
+        buses.retired_tables(&slots),
+        kvm_bus::RetiredTables::default()
+    );
+    assert_eq!(p.calls.load(SeqCst), 300);
+}
+
+#[test]
+fn retired_tables_outlive_their_readers_classic() {
+    retired_tables_outlive_their_readers(Buses::new());
+}
+
+#[test]
+fn retired_tables_outlive_their_readers_fast() {
+    retired_tables_outlive_their_readers(Buses::new_fast());
+}
