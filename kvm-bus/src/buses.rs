@@ -546,9 +546,11 @@ impl<F: Flavor> Buses<F> {
     }
 
     /// Registers `dev` at `range` (Linux `kvm_io_bus_register_dev`):
-    /// builds a new table with the device, publishes it, and hands the old
-    /// one to `call_srcu`. Never waits for a grace period (the slots lock is
-    /// held only for table publishes, never across a grace period).
+    /// builds a new table with the device, publishes it, and retires the
+    /// old one, to be freed once a grace period has passed
+    /// ([`retired_tables`](Buses::retired_tables)). Never waits for a grace
+    /// period (the slots lock is held only for table publishes, never
+    /// across a grace period).
     ///
     /// Readers that began before the publish may still dispatch on the old
     /// table; see the [crate documentation](crate) for what is
@@ -690,8 +692,8 @@ impl<F: Flavor> Buses<F> {
     /// the old table and releases the buses' references to `dev` before
     /// returning.
     /// Afterwards no dispatch calls `dev` and the buses hold no reference to
-    /// it (older tables still queued for their deferred free hold only
-    /// non-owning pointers that nothing follows any more).
+    /// it (older tables still retired or queued for their deferred free
+    /// hold only non-owning pointers that nothing follows any more).
     ///
     /// Called from a device handler of these buses, or anywhere else
     /// inside a read section of their domain on the calling thread, it
@@ -744,8 +746,10 @@ impl<F: Flavor> Buses<F> {
     /// batch changes nothing and does not wait.
     ///
     /// Afterwards the buses hold no reference to any of `devs`: older
-    /// tables still queued for their deferred free hold only non-owning
-    /// pointers, and no reader can reach them any more.
+    /// tables still retired or queued for their deferred free hold only
+    /// non-owning pointers, and no reader can reach them any more. The
+    /// retired tables that the grace period covered are freed before it
+    /// returns.
     ///
     /// Inside a read section of this domain it fails as
     /// [`unregister_dev`](Buses::unregister_dev) does, even for an empty
@@ -1001,8 +1005,8 @@ impl<F: Flavor> Buses<F> {
 
     /// Moves (or resizes) the entry of `dev` at `from` to `to`, as one
     /// publication: every table has the device at exactly one of the two
-    /// ranges, never neither. No grace period: the old table is freed with
-    /// `call_srcu`, as registration does, so this is callable from a device
+    /// ranges, never neither. No grace period: the old table is retired, as
+    /// registration does, so this is callable from a device
     /// handler (a PCI config-space write that relocates a BAR), inside the
     /// read section of that very access.
     ///
