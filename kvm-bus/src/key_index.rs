@@ -157,23 +157,7 @@ impl KeyIndex {
             *slot = u(level);
         }
         let first_at = at + depth;
-        // Bucket `b` gets the number of keys before it: each key writes the
-        // counts of the buckets from the last one written up to its own
-        // (its index), and counts towards the fullest bucket.
-        let table = &mut out[first_at..];
-        let (mut filled, mut fullest, mut run) = (0, 0, 0);
-        for (j, item) in items.iter().enumerate() {
-            let b = ((key(item) - base) >> shift) as usize;
-            if b < filled {
-                run += 1;
-            } else {
-                table[filled..=b].fill(u(j as u64));
-                (filled, run) = (b + 1, 1);
-            }
-            fullest = fullest.max(run);
-        }
-        table[filled..].fill(u(n as u64));
-        debug_assert_eq!(table.len(), buckets + 1);
+        let fullest = Self::fill_buckets(items.iter().map(&key), base, shift, &mut out[first_at..]);
         // SAFETY: `out`, the first `front + total` words of the spare
         // capacity, is written throughout: the front padding, each level's
         // keys and padding and the padding block back to back (`at` moves
@@ -206,6 +190,53 @@ impl KeyIndex {
             bucket_width,
             buf,
         }
+    }
+
+    /// Writes the bucket table (`buckets + 1` words, all of `table`) of
+    /// the sorted `keys`, whose smallest is `base` and whose buckets are
+    /// `1 << shift` wide: bucket `b` gets the number of keys before it, the
+    /// last word the number of keys. Returns the most keys in one bucket.
+    ///
+    /// Each key writes the counts of the buckets from the next unwritten
+    /// one up to its own (its index): one word for evenly spread keys. The
+    /// fullest bucket is measured where a bucket's first key ends the run
+    /// of the one before. Out of line, so that its few variables live in
+    /// registers: ~10 instructions per key.
+    #[inline(never)]
+    fn fill_buckets(
+        keys: impl ExactSizeIterator<Item = u64>,
+        base: u64,
+        shift: u32,
+        table: &mut [core::mem::MaybeUninit<u64>],
+    ) -> usize {
+        let n = keys.len();
+        let buckets = table.len() - 1;
+        let (mut next, mut run_start, mut fullest) = (0, 0, 0);
+        for (j, k) in keys.enumerate() {
+            let b = ((k - base) >> shift) as usize;
+            // Every key is in `base..=base + span` and `buckets` is
+            // `(span >> shift) + 1`, so `b < buckets`, and `next <= b + 1`.
+            debug_assert!(b < buckets && next <= b + 1);
+            if next <= b {
+                fullest = fullest.max(j - run_start);
+                run_start = j;
+                // The bucket of `j`, then any empty ones before it: the
+                // common case (one word) skips the set-up of the
+                // vectorised fill that the loop compiles to.
+                // SAFETY: `b < buckets < table.len()` (above).
+                unsafe { table.get_unchecked_mut(b).write(j as u64) };
+                while next < b {
+                    // SAFETY: `next < b`, and `b < table.len()` (above).
+                    unsafe { table.get_unchecked_mut(next).write(j as u64) };
+                    next += 1;
+                }
+                next = b + 1;
+            }
+        }
+        for slot in &mut table[next..] {
+            slot.write(n as u64);
+        }
+        fullest.max(n - run_start)
     }
 
     /// The bytes of its buffer.
