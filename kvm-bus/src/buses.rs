@@ -7,7 +7,7 @@ use crate::error::BusError;
 use crate::kind::BusKind;
 use crate::range::IoRange;
 use crate::removal::Removal;
-use crate::retired::{Retired, RECLAIM_PER_UPDATE};
+use crate::retired::Shared as RetiredList;
 use crate::MAX_IO_BUS_DEVICES;
 use core::fmt;
 use core::sync::atomic::{fence, Ordering};
@@ -32,6 +32,10 @@ use std::sync::Arc;
 pub struct Buses<F: Flavor = Classic> {
     cells: [SrcuCell<IoBus>; 3],
     slots: UpdateLock<Registry>,
+    /// Unpublished tables of every bus, freed once a grace period has
+    /// passed (`retired.rs`). Only ever dropped: their device pointers are
+    /// never followed again, so they need no counts of their own.
+    retired: Arc<RetiredList>,
     max_devices: usize,
     srcu: Srcu<F>,
 }
@@ -51,10 +55,6 @@ struct Registry {
     /// Per bus: refuse ranges that overlap a registered one
     /// ([`Buses::set_reject_overlaps`]).
     reject_overlaps: [bool; 3],
-    /// Unpublished tables of every bus, freed here once a grace period has
-    /// passed (`retired.rs`). Only ever dropped: their device pointers are
-    /// never followed again, so they need no counts of their own.
-    retired: Retired,
 }
 
 /// Proof that the slots lock of one [`Buses`] is held; from
@@ -150,6 +150,7 @@ impl<F: Flavor> Buses<F> {
         Buses {
             cells,
             slots,
+            retired: RetiredList::new(),
             max_devices,
             srcu,
         }
@@ -169,7 +170,10 @@ impl<F: Flavor> Buses<F> {
     /// that the oldest go to `call_srcu`). No grace period is started for
     /// them: an unregistration frees every one its own grace period
     /// covered, and each update frees up to two whose grace period some
-    /// other party completed. Dropping the `Buses` frees them all.
+    /// other party completed. When updates stop, a trim on the callback
+    /// worker frees the rest within a few milliseconds (the first table
+    /// retired carries it, `call_srcu`-style; [`Srcu::barrier`] waits for
+    /// it). Dropping the `Buses` frees them all.
     ///
     /// ```
     /// use kvm_bus::{Access, Buses, BusKind, Declined, WriteResult, IoDevice, IoRange};
@@ -184,14 +188,14 @@ impl<F: Flavor> Buses<F> {
     /// let (a, b): (Arc<dyn IoDevice>, Arc<dyn IoDevice>) = (Arc::new(Sink), Arc::new(Sink));
     /// buses.register_dev(&mut slots, BusKind::Pio, IoRange::new(0x70, 2)?, a.clone())?;
     /// buses.register_dev(&mut slots, BusKind::Pio, IoRange::new(0x80, 2)?, b)?;
-    /// assert_eq!(buses.retired_tables(&slots).tables, 2); // the empty one, then [a]
+    /// assert!(buses.retired_tables(&slots).bytes <= 256 << 10);
     /// buses.unregister_dev(&mut slots, BusKind::Pio, &a)?; // waits a grace period
-    /// assert_eq!(buses.retired_tables(&slots).tables, 0);
+    /// assert_eq!(buses.retired_tables(&slots).tables, 0); // all freed here
     /// # Ok::<(), kvm_bus::BusError>(())
     /// ```
     pub fn retired_tables(&self, slots: &SlotsGuard<'_>) -> crate::RetiredTables {
         self.check(slots);
-        slots.guard.retired.counts()
+        self.retired.counts()
     }
 
     /// The VM's SRCU domain (for other SRCU-protected VM state, or
@@ -809,7 +813,7 @@ impl<F: Flavor> Buses<F> {
         slots.guard.unlocked(|| removal.wait())?;
         // The grace period just waited for covers every table retired
         // before the unpublish: free them now, on this thread.
-        slots.guard.retired.reclaim(usize::MAX);
+        self.retired.reclaim_all();
         Ok(())
     }
 
@@ -859,7 +863,7 @@ impl<F: Flavor> Buses<F> {
         slots.guard.unlocked(|| removal.wait())?;
         // The grace period just waited for covers every table retired
         // before the unpublish: free them now, on this thread.
-        slots.guard.retired.reclaim(usize::MAX);
+        self.retired.reclaim_all();
         Ok(())
     }
 
@@ -977,11 +981,7 @@ impl<F: Flavor> Buses<F> {
         // device is gone), pairing with fence R in `get_bus_srcu` (litmus
         // test there). Free on x86_64 after the locked swap of `assign`.
         fence(Ordering::SeqCst);
-        let retired = &mut slots.guard.retired;
-        retired.reclaim(RECLAIM_PER_UPDATE);
-        if let Some(old) = old {
-            retired.push(old, bytes);
-        }
+        self.retired.retire(old, bytes);
     }
 
     /// Publishes `new_bus` (which no longer holds the entries whose counts

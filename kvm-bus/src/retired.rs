@@ -19,9 +19,10 @@
 //! waiting, never asking for a grace period (in the fast flavor each one
 //! interrupts every running vCPU). Updates free at most
 //! [`RECLAIM_PER_UPDATE`] each; an unregistration, after its wait, frees
-//! every table its grace period covered. What waits here is bounded by
-//! [`BUDGET`] bytes: past it, the oldest tables go to `call_srcu` as
-//! before, so memory is never held for want of a grace period.
+//! every table its grace period covered; when updates stop, a trim on the
+//! callback worker frees the rest ([`Shared`]). What waits here is bounded
+//! by [`BUDGET`] bytes: past it, the oldest tables go to `call_srcu` as
+//! before.
 //!
 //! A retired table is only ever dropped (its device pointers are
 //! non-owning and nothing follows them), so keeping it does not extend the
@@ -30,6 +31,8 @@
 use crate::bus::IoBus;
 use srcu::Stale;
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 /// Most bytes of retired tables kept waiting on the updater's side. A
 /// 50-device table is about 2 KiB (a burst of ~100 registrations fits), a
@@ -88,12 +91,139 @@ impl Retired {
         freed
     }
 
+    /// Takes the most recently retired table out of the list.
+    fn pop_newest(&mut self) -> Option<Stale<IoBus>> {
+        let (newest, b) = self.tables.pop_back()?;
+        self.bytes -= b;
+        Some(newest)
+    }
+
     /// What is kept.
     pub(crate) fn counts(&self) -> RetiredTables {
         RetiredTables {
             tables: self.tables.len(),
             bytes: self.bytes,
         }
+    }
+}
+
+/// The retired list of one [`Buses`](crate::Buses), shared with its trim
+/// callbacks.
+///
+/// A list that only updates emptied would keep its tables for as long as
+/// no update comes: a VM that registers its devices at boot and never
+/// again would hold up to [`BUDGET`] of dead tables for its lifetime. So
+/// the first table retired while no trim is queued is not kept: it carries
+/// a trim (`Stale::then`), which runs on the callback worker after that
+/// table's grace period (so after the grace period of every table retired
+/// before it) and frees what has completed; if tables are still pending,
+/// the newest carries the next trim. Memory is therefore freed at most a
+/// few worker cycles (milliseconds) after the last update, and during a
+/// burst the updater frees almost everything itself.
+///
+/// Nobody blocks on the list's mutex: updates and trims only `try_lock` it
+/// (an update that finds it taken hands its old table to `call_srcu`
+/// instead; a trim that finds it taken leaves the next trim to that
+/// updater), and an unregistration or `Buses::retired_tables` retries for
+/// a bounded time, so a `fork` taken while a trim held it cannot leave a
+/// child waiting forever.
+pub(crate) struct Shared {
+    list: Mutex<Retired>,
+    /// A trim is queued: updates keep their tables.
+    trim_queued: AtomicBool,
+}
+
+impl Shared {
+    pub(crate) fn new() -> Arc<Shared> {
+        Arc::new(Shared {
+            list: Mutex::new(Retired::default()),
+            trim_queued: AtomicBool::new(false),
+        })
+    }
+
+    fn try_list(&self) -> Option<MutexGuard<'_, Retired>> {
+        match self.list.try_lock() {
+            Ok(g) => Some(g),
+            // Nothing panics while holding it (dropping a table runs no
+            // user code); recover anyway.
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
+    /// An update: reclaims up to [`RECLAIM_PER_UPDATE`] tables, then keeps
+    /// `old` (unpublished just now, `bytes` of memory), or makes it carry
+    /// the next trim.
+    pub(crate) fn retire(self: &Arc<Self>, old: Option<Stale<IoBus>>, bytes: usize) {
+        let Some(mut list) = self.try_list() else {
+            drop(old); // a trim holds the list: the usual deferred free
+            return;
+        };
+        list.reclaim(RECLAIM_PER_UPDATE);
+        let Some(old) = old else { return };
+        if self.trim_queued.swap(true, SeqCst) {
+            list.push(old, bytes);
+        } else {
+            drop(list);
+            self.queue_trim(old);
+        }
+    }
+
+    /// The list, waiting out a trim that holds it (a few microseconds);
+    /// `None` only if it stays taken (a `fork`ed child whose parent's
+    /// worker held it).
+    fn list_briefly(&self) -> Option<MutexGuard<'_, Retired>> {
+        for _ in 0..10_000 {
+            if let Some(list) = self.try_list() {
+                return Some(list);
+            }
+            std::thread::yield_now();
+        }
+        None
+    }
+
+    /// Frees every table whose grace period has completed (after an
+    /// unregistration's wait: all that it covered).
+    pub(crate) fn reclaim_all(&self) {
+        if let Some(mut list) = self.list_briefly() {
+            list.reclaim(usize::MAX);
+        }
+    }
+
+    /// What is kept.
+    pub(crate) fn counts(&self) -> RetiredTables {
+        self.list_briefly().map(|l| l.counts()).unwrap_or_default()
+    }
+
+    fn queue_trim(self: &Arc<Self>, carrier: Stale<IoBus>) {
+        let weak = Arc::downgrade(self);
+        carrier.then(move |table| {
+            drop(table);
+            trim(&weak);
+        });
+    }
+}
+
+/// The trim: on the callback worker, after the grace period of the table
+/// that carried it.
+fn trim(weak: &Weak<Shared>) {
+    let Some(shared) = weak.upgrade() else {
+        return; // the `Buses` is gone, and its list with it
+    };
+    // Cleared before trying the list: an updater holding it now swaps the
+    // flag after, sees it clear, and queues the next trim itself.
+    shared.trim_queued.store(false, SeqCst);
+    let Some(mut list) = shared.try_list() else {
+        return;
+    };
+    list.reclaim(usize::MAX);
+    if let Some(newest) = list.pop_newest() {
+        if !shared.trim_queued.swap(true, SeqCst) {
+            drop(list);
+            shared.queue_trim(newest);
+            return;
+        }
+        drop(newest); // an updater queued one meanwhile: the deferred free
     }
 }
 
