@@ -7,7 +7,7 @@ use crate::error::BusError;
 use crate::kind::BusKind;
 use crate::range::IoRange;
 use crate::removal::Removal;
-use crate::retired::Shared as RetiredList;
+use crate::retired::RetiredList;
 use crate::MAX_IO_BUS_DEVICES;
 use core::fmt;
 use core::sync::atomic::{fence, Ordering};

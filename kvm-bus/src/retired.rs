@@ -20,7 +20,7 @@
 //! interrupts every running vCPU). Updates free at most
 //! [`RECLAIM_PER_UPDATE`] each; an unregistration, after its wait, frees
 //! every table its grace period covered; when updates stop, a trim on the
-//! callback worker frees the rest ([`Shared`]). What waits here is bounded
+//! callback worker frees the rest ([`RetiredList`]). What waits here is bounded
 //! by [`BUDGET`] bytes: past it, the oldest tables go to `call_srcu` as
 //! before.
 //!
@@ -127,15 +127,15 @@ impl Retired {
 /// updater), and an unregistration or `Buses::retired_tables` retries for
 /// a bounded time, so a `fork` taken while a trim held it cannot leave a
 /// child waiting forever.
-pub(crate) struct Shared {
+pub(crate) struct RetiredList {
     list: Mutex<Retired>,
     /// A trim is queued: updates keep their tables.
     trim_queued: AtomicBool,
 }
 
-impl Shared {
-    pub(crate) fn new() -> Arc<Shared> {
-        Arc::new(Shared {
+impl RetiredList {
+    pub(crate) fn new() -> Arc<RetiredList> {
+        Arc::new(RetiredList {
             list: Mutex::new(Retired::default()),
             trim_queued: AtomicBool::new(false),
         })
@@ -206,7 +206,7 @@ impl Shared {
 
 /// The trim: on the callback worker, after the grace period of the table
 /// that carried it.
-fn trim(weak: &Weak<Shared>) {
+fn trim(weak: &Weak<RetiredList>) {
     let Some(shared) = weak.upgrade() else {
         return; // the `Buses` is gone, and its list with it
     };
