@@ -31,7 +31,10 @@
 use crate::bus::IoBus;
 use srcu::Stale;
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::atomic::{
+    AtomicBool, AtomicU64,
+    Ordering::{Relaxed, SeqCst},
+};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 /// Most bytes of retired tables kept waiting on the updater's side. A
@@ -116,10 +119,11 @@ impl Retired {
 /// the first table retired while no trim is queued is not kept: it carries
 /// a trim (`Stale::then`), which runs on the callback worker after that
 /// table's grace period (so after the grace period of every table retired
-/// before it) and frees what has completed; if tables are still pending,
-/// the newest carries the next trim. Memory is therefore freed at most a
-/// few worker cycles (milliseconds) after the last update, and during a
-/// burst the updater frees almost everything itself.
+/// before it). If updates have stopped meanwhile, it frees what has
+/// completed; while tables remain, the newest carries the next trim.
+/// Memory is therefore freed a few worker cycles (milliseconds) after the
+/// last update, and during a burst the updater frees everything itself
+/// but one table per trim.
 ///
 /// Nobody blocks on the list's mutex: updates and trims only `try_lock` it
 /// (an update that finds it taken hands its old table to `call_srcu`
@@ -131,6 +135,9 @@ pub(crate) struct RetiredList {
     list: Mutex<Retired>,
     /// A trim is queued: updates keep their tables.
     trim_queued: AtomicBool,
+    /// Updates so far: a trim frees nothing while they go on (the updater
+    /// frees on its own thread), only once they have stopped.
+    updates: AtomicU64,
 }
 
 impl RetiredList {
@@ -138,6 +145,7 @@ impl RetiredList {
         Arc::new(RetiredList {
             list: Mutex::new(Retired::default()),
             trim_queued: AtomicBool::new(false),
+            updates: AtomicU64::new(0),
         })
     }
 
@@ -155,6 +163,7 @@ impl RetiredList {
     /// `old` (unpublished just now, `bytes` of memory), or makes it carry
     /// the next trim.
     pub(crate) fn retire(self: &Arc<Self>, old: Option<Stale<IoBus>>, bytes: usize) {
+        let seen = self.updates.fetch_add(1, Relaxed) + 1;
         let Some(mut list) = self.try_list() else {
             drop(old); // a trim holds the list: the usual deferred free
             return;
@@ -165,7 +174,7 @@ impl RetiredList {
             list.push(old, bytes);
         } else {
             drop(list);
-            self.queue_trim(old);
+            self.queue_trim(old, seen);
         }
     }
 
@@ -195,18 +204,23 @@ impl RetiredList {
         self.list_briefly().map(|l| l.counts()).unwrap_or_default()
     }
 
-    fn queue_trim(self: &Arc<Self>, carrier: Stale<IoBus>) {
+    /// Queues a trim, carried by `carrier`, for the state after `seen`
+    /// updates.
+    fn queue_trim(self: &Arc<Self>, carrier: Stale<IoBus>, seen: u64) {
         let weak = Arc::downgrade(self);
         carrier.then(move |table| {
             drop(table);
-            trim(&weak);
+            trim(&weak, seen);
         });
     }
 }
 
 /// The trim: on the callback worker, after the grace period of the table
-/// that carried it.
-fn trim(weak: &Weak<RetiredList>) {
+/// that carried it. If no update came since it was queued (after `seen`),
+/// it frees every table whose grace period has completed; otherwise the
+/// updater is at work and frees them itself. While tables remain, the
+/// newest carries the next trim.
+fn trim(weak: &Weak<RetiredList>, seen: u64) {
     let Some(shared) = weak.upgrade() else {
         return; // the `Buses` is gone, and its list with it
     };
@@ -216,11 +230,14 @@ fn trim(weak: &Weak<RetiredList>) {
     let Some(mut list) = shared.try_list() else {
         return;
     };
-    list.reclaim(usize::MAX);
+    let now = shared.updates.load(Relaxed);
+    if now == seen {
+        list.reclaim(usize::MAX);
+    }
     if let Some(newest) = list.pop_newest() {
         if !shared.trim_queued.swap(true, SeqCst) {
             drop(list);
-            shared.queue_trim(newest);
+            shared.queue_trim(newest, now);
             return;
         }
         drop(newest); // an updater queued one meanwhile: the deferred free
