@@ -51,6 +51,16 @@ fn dynp(p: &Arc<Probe>) -> Arc<dyn IoDevice> {
     p.clone()
 }
 
+/// Waits until the callback worker has nothing left to do: the deferred
+/// frees ran, and the retired-table trims, which re-queue themselves until
+/// they find no update since, have stopped. Afterwards no grace period is
+/// in flight until something is queued again.
+fn quiesce<F: Flavor>(buses: &Buses<F>) {
+    while buses.srcu().pending_callbacks() > 0 {
+        buses.srcu().barrier();
+    }
+}
+
 fn bus_ptr<F: Flavor>(buses: &Buses<F>, kind: BusKind) -> *const IoBus {
     let slots = buses.lock_slots();
     buses.get_bus(&slots, kind) as *const IoBus
@@ -547,9 +557,9 @@ fn unregister_from_own_handler_is_refused<F: Flavor>(buses: Buses<F>) {
             dev.clone(),
         )
         .unwrap();
-    // Let the registration's deferred free finish, so that any grace
+    // Let the registration's deferred work finish, so that any grace
     // period from here on would be the unregister's.
-    buses.srcu().barrier();
+    quiesce(&buses);
     let before = buses.get_bus(&buses.lock_slots(), BusKind::Pio) as *const IoBus;
     let gps = buses.srcu().completed_grace_periods();
     let refused = Err(BusError::InReadSection { kind: BusKind::Pio });
@@ -611,7 +621,9 @@ fn unregister_holding_read_lock_is_refused<F: Flavor>(buses: Buses<F>) {
             .register_dev(&mut slots, BusKind::Mmio, r(0x2000, 8), other.clone())
             .unwrap();
     }
-    buses.srcu().barrier();
+    // No grace period in flight: none can complete while the section
+    // below is held.
+    quiesce(&buses);
     let refused = Err(BusError::InReadSection {
         kind: BusKind::Mmio,
     });
@@ -640,6 +652,11 @@ fn unregister_holding_read_lock_is_refused<F: Flavor>(buses: Buses<F>) {
             refused
         );
         assert_eq!(buses.get_bus(&slots, BusKind::Mmio) as *const IoBus, before);
+        assert_eq!(
+            buses.srcu().completed_grace_periods(),
+            gps,
+            "nothing waited"
+        );
         // Registering does not wait for a grace period: allowed here.
         buses
             .register_dev(&mut slots, BusKind::Pio, r(0x60, 1), dynp(&stranger))
@@ -652,7 +669,6 @@ fn unregister_holding_read_lock_is_refused<F: Flavor>(buses: Buses<F>) {
         buses.write(BusKind::Mmio, 0x2004, &[1]).unwrap();
         drop(guard);
     }
-    assert_eq!(buses.srcu().completed_grace_periods(), gps);
     assert_eq!(p.calls.load(SeqCst), 1);
     assert_eq!(q.calls.load(SeqCst), 1);
     assert!(!buses.srcu().in_read_section());
