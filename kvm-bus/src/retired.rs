@@ -32,7 +32,7 @@ use crate::bus::IoBus;
 use srcu::Stale;
 use std::collections::VecDeque;
 use std::sync::atomic::{
-    AtomicBool, AtomicU64,
+    AtomicBool,
     Ordering::{Relaxed, SeqCst},
 };
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -51,6 +51,10 @@ pub(crate) const RECLAIM_PER_UPDATE: usize = 2;
 pub(crate) struct Retired {
     tables: VecDeque<(Stale<IoBus>, usize)>,
     bytes: usize,
+    /// Updates so far (that got the list): a trim frees nothing while
+    /// they go on (the updater frees on its own thread), only once they
+    /// have stopped.
+    updates: u64,
 }
 
 impl Retired {
@@ -135,9 +139,6 @@ pub(crate) struct RetiredList {
     list: Mutex<Retired>,
     /// A trim is queued: updates keep their tables.
     trim_queued: AtomicBool,
-    /// Updates so far: a trim frees nothing while they go on (the updater
-    /// frees on its own thread), only once they have stopped.
-    updates: AtomicU64,
 }
 
 impl RetiredList {
@@ -145,7 +146,6 @@ impl RetiredList {
         Arc::new(RetiredList {
             list: Mutex::new(Retired::default()),
             trim_queued: AtomicBool::new(false),
-            updates: AtomicU64::new(0),
         })
     }
 
@@ -163,16 +163,19 @@ impl RetiredList {
     /// `old` (unpublished just now, `bytes` of memory), or makes it carry
     /// the next trim.
     pub(crate) fn retire(self: &Arc<Self>, old: Option<Stale<IoBus>>, bytes: usize) {
-        let seen = self.updates.fetch_add(1, Relaxed) + 1;
         let Some(mut list) = self.try_list() else {
             drop(old); // a trim holds the list: the usual deferred free
             return;
         };
+        list.updates += 1;
         list.reclaim(RECLAIM_PER_UPDATE);
         let Some(old) = old else { return };
-        if self.trim_queued.swap(true, SeqCst) {
+        // (A load first: the swap, a locked instruction, only when no trim
+        // is queued, once per trim.)
+        if self.trim_queued.load(Relaxed) || self.trim_queued.swap(true, SeqCst) {
             list.push(old, bytes);
         } else {
+            let seen = list.updates;
             drop(list);
             self.queue_trim(old, seen);
         }
@@ -230,7 +233,7 @@ fn trim(weak: &Weak<RetiredList>, seen: u64) {
     let Some(mut list) = shared.try_list() else {
         return;
     };
-    let now = shared.updates.load(Relaxed);
+    let now = list.updates;
     if now == seen {
         list.reclaim(usize::MAX);
     }
