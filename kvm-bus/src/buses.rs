@@ -988,7 +988,7 @@ impl<F: Flavor> Buses<F> {
     }
 
     /// Publishes `new_bus` (which no longer holds the entries whose counts
-    /// are `released`) and hands both the old table and the counts to the
+    /// are `released`), retires the old table, and hands the counts to the
     /// domain: they are released after one grace period.
     fn publish_removal(
         &self,

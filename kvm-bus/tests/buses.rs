@@ -100,8 +100,9 @@ fn unregister_drops_every_reference_before_returning() {
         let dev = dynp(&p);
         drop(p);
         let mut slots = buses.lock_slots();
-        // Several registrations: each hands an old table (with a pointer
-        // to `dev`) to call_srcu; those must not keep `dev` alive.
+        // Several registrations: each retires an old table (with a pointer
+        // to `dev`), kept until a grace period or handed to call_srcu;
+        // those must not keep `dev` alive.
         buses
             .register_dev(&mut slots, BusKind::Mmio, r(0x1000, 8), dev.clone())
             .unwrap();
