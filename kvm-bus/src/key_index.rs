@@ -213,10 +213,13 @@ impl KeyIndex {
         let buckets = table.len() - 1;
         let (mut next, mut run_start, mut fullest) = (0, 0, 0);
         for (j, k) in keys.enumerate() {
-            let b = ((k - base) >> shift) as usize;
+            let b = ((k.wrapping_sub(base)) >> shift) as usize;
             // Every key is in `base..=base + span` and `buckets` is
-            // `(span >> shift) + 1`, so `b < buckets`, and `next <= b + 1`.
-            debug_assert!(b < buckets && next <= b + 1);
+            // `(span >> shift) + 1`, so `b < buckets`, and `next <= b + 1`
+            // (keys sorted). Checked in every build: keys out of order (a
+            // bug in a table builder) must not write out of bounds below.
+            assert!(b < buckets, "key index: keys out of order");
+            debug_assert!(next <= b + 1);
             if next <= b {
                 fullest = fullest.max(j - run_start);
                 run_start = j;

@@ -72,7 +72,7 @@
 //! happened, through any read at all, including a plain load of guest
 //! memory that the VMM wrote after [`Buses::register_dev`] returned, then
 //! an access it dispatches afterwards through `get_bus_srcu` sees the new
-//! device. `register_dev` ends with a full fence after the publish, and
+//! device. `register_dev` ends with a release fence after the publish, and
 //! `get_bus_srcu` orders the thread's earlier loads before its load of the
 //! bus pointer (an acquire fence: free on x86_64, `dmb ishld` on arm64;
 //! the litmus argument is next to the code). This is the message-passing

@@ -32,7 +32,7 @@ use crate::bus::IoBus;
 use srcu::Stale;
 use std::collections::VecDeque;
 use std::sync::atomic::{
-    AtomicBool,
+    fence, AtomicBool,
     Ordering::{Relaxed, SeqCst},
 };
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -131,14 +131,20 @@ impl Retired {
 ///
 /// Nobody blocks on the list's mutex: updates and trims only `try_lock` it
 /// (an update that finds it taken hands its old table to `call_srcu`
-/// instead; a trim that finds it taken leaves the next trim to that
-/// updater), and an unregistration or `Buses::retired_tables` retries for
-/// a bounded time, so a `fork` taken while a trim held it cannot leave a
-/// child waiting forever.
+/// instead; a trim that finds it taken leaves the next trim to whoever
+/// holds it, through `trim_missed`, fences T and U), and an
+/// unregistration or `Buses::retired_tables` retries for a bounded time,
+/// so a `fork` taken while a trim held it cannot leave a child waiting
+/// forever. (In a child whose parent's worker held a trim's carrier at the
+/// fork, `trim_queued` stays set: the child keeps up to [`BUDGET`] of
+/// tables after its updates stop, freed at its next unregistration.)
 pub(crate) struct RetiredList {
     list: Mutex<Retired>,
     /// A trim is queued: updates keep their tables.
     trim_queued: AtomicBool,
+    /// A trim (or a holder re-queuing one) found the list taken: whoever
+    /// holds it queues the next trim after letting go (`release`).
+    trim_missed: AtomicBool,
 }
 
 impl RetiredList {
@@ -146,6 +152,7 @@ impl RetiredList {
         Arc::new(RetiredList {
             list: Mutex::new(Retired::default()),
             trim_queued: AtomicBool::new(false),
+            trim_missed: AtomicBool::new(false),
         })
     }
 
@@ -159,25 +166,79 @@ impl RetiredList {
         }
     }
 
+    /// The list, or, if it is taken, the duty to queue the next trim left
+    /// to its holder: `trim_missed`, which the holder's [`release`]
+    /// checks.
+    ///
+    /// [`release`]: RetiredList::release
+    fn list_or_leave_trim(&self) -> Option<MutexGuard<'_, Retired>> {
+        if let Some(list) = self.try_list() {
+            return Some(list);
+        }
+        self.trim_missed.store(true, SeqCst);
+        // T: pairs with fence U in `release` (store buffering): either this
+        // second try sees the list let go, or its holder, after letting
+        // go, sees the flag.
+        fence(SeqCst);
+        self.try_list()
+    }
+
+    /// Lets the list go; then, if a trim found it taken meanwhile, queues
+    /// the next trim in its place.
+    fn release(self: &Arc<Self>, list: MutexGuard<'_, Retired>) {
+        drop(list);
+        loop {
+            // U: pairs with fence T in `list_or_leave_trim`.
+            fence(SeqCst);
+            if !self.trim_missed.load(Relaxed) || !self.trim_missed.swap(false, SeqCst) {
+                return;
+            }
+            let Some(mut list) = self.list_or_leave_trim() else {
+                return; // taken again: the duty is its holder's now
+            };
+            let carrier = self.carrier(&mut list);
+            drop(list);
+            if let Some((table, seen)) = carrier {
+                self.queue_trim(table, seen);
+            }
+        }
+    }
+
+    /// The newest pending table, to carry the next trim, unless a trim is
+    /// queued already or nothing is pending.
+    fn carrier(&self, list: &mut Retired) -> Option<(Stale<IoBus>, u64)> {
+        if list.tables.is_empty() || self.trim_queued.swap(true, SeqCst) {
+            return None;
+        }
+        let newest = list.pop_newest()?;
+        Some((newest, list.updates))
+    }
+
     /// An update: reclaims up to [`RECLAIM_PER_UPDATE`] tables, then keeps
     /// `old` (unpublished just now, `bytes` of memory), or makes it carry
     /// the next trim.
     pub(crate) fn retire(self: &Arc<Self>, old: Option<Stale<IoBus>>, bytes: usize) {
         let Some(mut list) = self.try_list() else {
-            drop(old); // a trim holds the list: the usual deferred free
+            // A trim holds the list (and queues the next one if tables
+            // remain): the usual deferred free.
+            drop(old);
             return;
         };
         list.updates += 1;
         list.reclaim(RECLAIM_PER_UPDATE);
-        let Some(old) = old else { return };
-        // (A load first: the swap, a locked instruction, only when no trim
-        // is queued, once per trim.)
-        if self.trim_queued.load(Relaxed) || self.trim_queued.swap(true, SeqCst) {
-            list.push(old, bytes);
-        } else {
-            let seen = list.updates;
-            drop(list);
-            self.queue_trim(old, seen);
+        let mut carrier = None;
+        if let Some(old) = old {
+            // (A load first: the swap, a locked instruction, only when no
+            // trim is queued, once per trim.)
+            if self.trim_queued.load(Relaxed) || self.trim_queued.swap(true, SeqCst) {
+                list.push(old, bytes);
+            } else {
+                carrier = Some((old, list.updates));
+            }
+        }
+        self.release(list);
+        if let Some((table, seen)) = carrier {
+            self.queue_trim(table, seen);
         }
     }
 
@@ -196,15 +257,21 @@ impl RetiredList {
 
     /// Frees every table whose grace period has completed (after an
     /// unregistration's wait: all that it covered).
-    pub(crate) fn reclaim_all(&self) {
+    pub(crate) fn reclaim_all(self: &Arc<Self>) {
         if let Some(mut list) = self.list_briefly() {
             list.reclaim(usize::MAX);
+            self.release(list);
         }
     }
 
     /// What is kept.
-    pub(crate) fn counts(&self) -> RetiredTables {
-        self.list_briefly().map(|l| l.counts()).unwrap_or_default()
+    pub(crate) fn counts(self: &Arc<Self>) -> RetiredTables {
+        let Some(list) = self.list_briefly() else {
+            return RetiredTables::default();
+        };
+        let counts = list.counts();
+        self.release(list);
+        counts
     }
 
     /// Queues a trim, carried by `carrier`, for the state after `seen`
@@ -222,28 +289,25 @@ impl RetiredList {
 /// that carried it. If no update came since it was queued (after `seen`),
 /// it frees every table whose grace period has completed; otherwise the
 /// updater is at work and frees them itself. While tables remain, the
-/// newest carries the next trim.
+/// newest carries the next trim. If the list is taken, its holder queues
+/// the next trim when it lets go.
 fn trim(weak: &Weak<RetiredList>, seen: u64) {
     let Some(shared) = weak.upgrade() else {
         return; // the `Buses` is gone, and its list with it
     };
-    // Cleared before trying the list: an updater holding it now swaps the
-    // flag after, sees it clear, and queues the next trim itself.
+    // Cleared first: from here on an update or a holder may queue the next
+    // trim.
     shared.trim_queued.store(false, SeqCst);
-    let Some(mut list) = shared.try_list() else {
+    let Some(mut list) = shared.list_or_leave_trim() else {
         return;
     };
-    let now = list.updates;
-    if now == seen {
+    if list.updates == seen {
         list.reclaim(usize::MAX);
     }
-    if let Some(newest) = list.pop_newest() {
-        if !shared.trim_queued.swap(true, SeqCst) {
-            drop(list);
-            shared.queue_trim(newest, now);
-            return;
-        }
-        drop(newest); // an updater queued one meanwhile: the deferred free
+    let carrier = shared.carrier(&mut list);
+    shared.release(list);
+    if let Some((table, seen)) = carrier {
+        shared.queue_trim(table, seen);
     }
 }
 
@@ -301,5 +365,34 @@ mod tests {
         // handed to `call_srcu`.
         srcu.barrier();
         assert_eq!(srcu.stats().callbacks_run - ran, 8);
+    }
+
+    /// A trim that finds the list taken leaves the next trim to the holder,
+    /// which queues it when it lets go: the tables are still freed with no
+    /// update to come. Here the test thread is the holder, as an updater
+    /// past its check of `trim_queued` (it saw a trim queued and pushed its
+    /// table) while the trim runs. Without fences T/U and `trim_missed`,
+    /// the table stayed with no trim queued. (From a review.)
+    #[test]
+    fn a_trim_that_finds_the_list_taken_is_queued_by_the_holder() {
+        let srcu = srcu::Srcu::new();
+        let shared = RetiredList::new();
+        // First update: no trim queued, so its table carries one.
+        shared.retire(Some(srcu.retire(IoBus::empty())), 100);
+        assert!(shared.trim_queued.load(SeqCst));
+        // Second update, up to its push: kept.
+        let mut list = shared.list.lock().unwrap();
+        list.updates += 1;
+        list.push(srcu.retire(IoBus::empty()), 100);
+        // The queued trim runs now, while the list is held.
+        srcu.barrier();
+        assert!(shared.trim_missed.load(SeqCst), "the trim left its duty");
+        shared.release(list); // queues the trim (which may run at once)
+        let mut rounds = 0;
+        while shared.counts() != RetiredTables::default() {
+            rounds += 1;
+            assert!(rounds < 20, "{:?}", shared.counts());
+            srcu.barrier();
+        }
     }
 }
