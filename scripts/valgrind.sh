@@ -12,7 +12,7 @@ export SRCU_EXPECT_RSEQ=0 SRCU_TORTURE_SECS=${SRCU_TORTURE_SECS:-0.5}
 # key index writes spare capacity before setting the length: memcheck checks
 # that every word is written; all of kvm-bus's unit tests take 6 minutes
 # under valgrind, these two 15 s).
-for spec in "srcu api" "srcu torture" "kvm-bus buses" "kvm-bus stress" \
+for spec in "srcu api" "srcu torture" "kvm-bus buses" "kvm-bus stress" "kvm-bus retired_stress" \
     "kvm-bus --lib every_word_of_the_buffer_is_written extend_copied"; do
     set -- $spec
     filters=("${@:3}")
