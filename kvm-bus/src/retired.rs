@@ -12,8 +12,8 @@
 //! (median of 8 runs) with the old tables freed by the worker, 590 ns with
 //! them kept here and freed by the updater.
 //!
-//! So the updater keeps the tables it unpublished here, under the slots
-//! lock, in unpublish order, and frees them itself once a grace period
+//! So the updater keeps the tables it unpublished here (a list of its own,
+//! next to the slots lock), in unpublish order, and frees them itself once a grace period
 //! that some other party completed has made that safe (its own
 //! unregistration, which waits for one; the callback worker's): never
 //! waiting, never asking for a grace period (in the fast flavor each one
