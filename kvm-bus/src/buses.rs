@@ -335,8 +335,9 @@ impl<F: Flavor> Buses<F> {
         // later one. Only store->store order is needed on the updater's
         // side and load->load on the reader's: neither side has a load that
         // must follow its own store (no store-buffering shape), so neither
-        // needs a full fence; on x86_64 both fences compile to nothing. This does not replace SRCU's own ordering: the table
-        // stays valid because the section covers the dereference.
+        // needs a full fence; on x86_64 both fences compile to nothing.
+        // This does not replace SRCU's own ordering: the table stays valid
+        // because the section covers the dereference.
         fence(Ordering::Acquire);
         match self.cells[kind.index()].dereference(guard) {
             Some(bus) => bus,
