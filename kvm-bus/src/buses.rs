@@ -808,6 +808,16 @@ impl<F: Flavor> Buses<F> {
             return Ok(());
         }
         let removal = self.start_unregister_many(slots, kind, devs)?;
+        self.complete_removal(slots, removal)
+    }
+
+    /// The blocking end of `unregister_*`: waits for `removal`, then frees
+    /// the retired tables its grace period covered.
+    fn complete_removal(
+        &self,
+        slots: &mut SlotsGuard<'_>,
+        removal: Removal,
+    ) -> Result<(), BusError> {
         // Wait without the slots lock: a device handler may need it (to
         // move a BAR, or to start an eject) while this waits for that very
         // handler's read section. Sound because `slots` is borrowed
@@ -862,11 +872,7 @@ impl<F: Flavor> Buses<F> {
             return Err(BusError::InReadSection { kind });
         }
         let removal = self.start_unregister_range(slots, kind, range, dev)?;
-        slots.guard.unlocked(|| removal.wait())?;
-        // The grace period just waited for covers every table retired
-        // before the unpublish: free them now, on this thread.
-        self.retired.reclaim_all();
-        Ok(())
+        self.complete_removal(slots, removal)
     }
 
     /// Starts unregistering every entry of `dev`: publishes the table
