@@ -490,3 +490,66 @@ fn call_srcu_runs_without_anyone_waiting() {
         }
     }
 }
+
+/// `Stale::try_take` against a reader that still holds the value: while a
+/// section that began before the unpublish is open, it keeps refusing,
+/// even with another thread driving grace periods as fast as it can (they
+/// wait for the reader, none completes); once the reader leaves, polling
+/// alone (no grace period asked for by `try_take`) gets the value back
+/// after the driver's next grace period.
+fn try_take_refuses_while_a_reader_holds_the_value<F: Flavor>() {
+    for srcu in domains::<F>() {
+        let srcu = Arc::new(srcu);
+        let lock = UpdateLock::new(());
+        let cell = Arc::new(SrcuCell::new(&srcu, &lock, Some(7u64)));
+        let (held_tx, held_rx) = mpsc::channel();
+        let (leave_tx, leave_rx) = mpsc::channel::<()>();
+        let reader = std::thread::spawn({
+            let (srcu, cell) = (srcu.clone(), cell.clone());
+            move || {
+                let g = srcu.read_lock();
+                let v = cell.dereference(&g).copied();
+                held_tx.send(()).unwrap();
+                leave_rx.recv().unwrap();
+                assert_eq!(v, Some(7));
+                assert_eq!(cell.dereference(&g), Some(&8));
+            }
+        });
+        held_rx.recv().unwrap();
+        let mut old = cell.replace(Some(8), &mut lock.lock()).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let driver = std::thread::spawn({
+            let (srcu, stop) = (srcu.clone(), stop.clone());
+            move || {
+                while !stop.load(SeqCst) {
+                    srcu.synchronize_expedited();
+                }
+            }
+        });
+        for _ in 0..1000 {
+            old = old.try_take().expect_err("handed back under a reader");
+        }
+        leave_tx.send(()).unwrap();
+        reader.join().unwrap();
+        let value = loop {
+            match old.try_take() {
+                Ok(v) => break v,
+                Err(pending) => old = pending,
+            }
+            std::thread::yield_now();
+        };
+        assert_eq!(*value, 7);
+        stop.store(true, SeqCst);
+        driver.join().unwrap();
+    }
+}
+
+#[test]
+fn try_take_refuses_while_a_reader_holds_the_value_classic() {
+    try_take_refuses_while_a_reader_holds_the_value::<Classic>();
+}
+
+#[test]
+fn try_take_refuses_while_a_reader_holds_the_value_fast() {
+    try_take_refuses_while_a_reader_holds_the_value::<Fast>();
+}
