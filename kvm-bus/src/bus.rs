@@ -186,8 +186,14 @@ impl IoBus {
             // SAFETY: forwarded to the caller.
             b.push(*range, unsafe { DevRef::new(dev) });
         }
+        // One new entry (a registration): its start goes into a copy of
+        // this table's index, if the buckets stay (`with_inserted`).
+        let starts = match new {
+            [(range, _)] => self.starts.with_inserted(done, range.addr()),
+            _ => None,
+        };
         b.extend_copied(&self.entries[done..], self.overlapping);
-        b.finish()
+        b.finish(starts)
     }
 
     /// This bus without the entries for which `remove` is true.
@@ -196,7 +202,7 @@ impl IoBus {
         for e in self.entries.iter().filter(|e| !remove(e.dev.get())) {
             b.push(e.range, e.dev.copy());
         }
-        b.finish()
+        b.finish(None)
     }
 
     /// This bus without entry `i`, and with its device at `to` instead if
@@ -219,7 +225,7 @@ impl IoBus {
         if let Some(to) = pending {
             b.push(to, moved.dev.copy());
         }
-        b.finish()
+        b.finish(None)
     }
 
     /// The index of the entry of `dev` at exactly `range`.
@@ -696,9 +702,15 @@ impl Builder {
         }
     }
 
-    fn finish(self) -> IoBus {
+    /// The table, with `starts` as its index of start addresses if the
+    /// caller made it already (it must index exactly the entries' starts).
+    fn finish(self, starts: Option<KeyIndex>) -> IoBus {
         let entries = self.entries.into_boxed_slice();
-        let starts = KeyIndex::new(&entries, |e| e.range.addr());
+        let starts = starts.unwrap_or_else(|| KeyIndex::new(&entries, |e| e.range.addr()));
+        debug_assert!(starts
+            .iter()
+            .copied()
+            .eq(entries.iter().map(|e| e.range.addr())));
         let max_last = if self.overlapping {
             let running: Vec<u64> = entries
                 .iter()
@@ -1291,7 +1303,7 @@ mod tests {
                 // SAFETY: `dev` outlives every table of this test.
                 sb.push(*q, unsafe { DevRef::new(&dev) });
             }
-            let table = sb.finish();
+            let table = sb.finish(None);
             if table.entries.is_empty() {
                 continue;
             }
@@ -1326,7 +1338,7 @@ mod tests {
                 (overlapping, max_last),
                 "round {round}"
             );
-            let built = b.finish();
+            let built = b.finish(None);
             let brute = (1..built.entries.len()).any(|k| {
                 let reach = built.entries[..k].iter().map(|e| e.range.last()).max();
                 reach.is_some_and(|m| built.entries[k].range.addr() <= m)

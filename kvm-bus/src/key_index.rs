@@ -2,6 +2,8 @@
 //! indexed so that finding the entries at or before an address costs two
 //! dependent loads instead of a binary search's `log2(n)`.
 
+use core::mem::MaybeUninit;
+
 /// Keys per block of a [`KeyIndex`] tree level: the `u64`s of one cache
 /// line.
 pub(crate) const BLOCK: usize = 8;
@@ -96,6 +98,159 @@ impl KeyIndex {
         if n == 0 {
             return KeyIndex::EMPTY;
         }
+        Self::build(
+            n,
+            key(&items[0]),
+            key(&items[n - 1]),
+            |i| key(&items[i]),
+            |keys| {
+                for (slot, item) in keys.iter_mut().zip(items) {
+                    *slot = MaybeUninit::new(key(item));
+                }
+            },
+            |shift, table| {
+                let base = key(&items[0]);
+                Self::width_of(Self::fill_buckets(
+                    items.iter().map(&key),
+                    base,
+                    shift,
+                    table,
+                ))
+            },
+        )
+    }
+
+    /// These keys with `key` inserted at position `pos` (after the `pos`
+    /// smallest: the keys stay sorted), or `None` if the new keys need
+    /// other buckets than these (a new smallest key, or a span or count
+    /// that changes the bucket width); [`new`](KeyIndex::new) builds those.
+    ///
+    /// What a registration usually needs: the same buckets with one more
+    /// key. The bucket table is then this one's with one added past the new
+    /// key's bucket (a copy and an add per word, no pass over the keys),
+    /// and the keys are copied around the new one, instead of the ~20
+    /// instructions per key of `fill_buckets`. The result is the index
+    /// `new` would build, word for word (tested).
+    pub(crate) fn with_inserted(&self, pos: usize, key: u64) -> Option<KeyIndex> {
+        let old: &[u64] = self;
+        let n = old.len();
+        if pos == 0 || pos > n {
+            return None;
+        }
+        debug_assert!(old[pos - 1] <= key && old.get(pos).is_none_or(|&k| key <= k));
+        let last = if pos == n { key } else { old[n - 1] };
+        let (shift, buckets) = Self::bucket_layout(n + 1, last - self.base);
+        if shift != self.shift {
+            return None;
+        }
+        // `buckets >= self.buckets`: same base and width, span not smaller.
+        let with_key = |i: usize| match i.cmp(&pos) {
+            core::cmp::Ordering::Less => old[i],
+            core::cmp::Ordering::Equal => key,
+            core::cmp::Ordering::Greater => old[i - 1],
+        };
+        Some(Self::build(
+            n + 1,
+            self.base,
+            last,
+            with_key,
+            |keys| {
+                let (before, rest) = keys.split_at_mut(pos);
+                let (slot, after) = rest.split_first_mut().expect("room for the new key");
+                for (d, &k) in before.iter_mut().zip(&old[..pos]) {
+                    *d = MaybeUninit::new(k);
+                }
+                *slot = MaybeUninit::new(key);
+                for (d, &k) in after.iter_mut().zip(&old[pos..]) {
+                    *d = MaybeUninit::new(k);
+                }
+            },
+            |_, table| {
+                debug_assert_eq!(table.len(), buckets + 1);
+                let old_table = &self.buf[self.first_at..=self.first_at + self.buckets];
+                self.counts_with_one_more(old_table, key, table)
+            },
+        ))
+    }
+
+    /// The bucket table of these keys plus `key`, with the same buckets
+    /// (`table` may have more of them, past the old last one): bucket `b`
+    /// counts the old keys before it (`old_table[b]`, or all `n` past the
+    /// old buckets) and the new key if its bucket is before `b`. Returns
+    /// the new [`bucket_width`](KeyIndex::bucket_width): only the new
+    /// key's bucket grew.
+    fn counts_with_one_more(
+        &self,
+        old_table: &[u64],
+        key: u64,
+        table: &mut [MaybeUninit<u64>],
+    ) -> usize {
+        let (n, ob) = (self.len as u64, self.buckets);
+        // The first bucket that counts the new key (`past <= ob` unless the
+        // key is beyond the old buckets).
+        let past = ((key - self.base) >> self.shift) as usize + 1;
+        // Three runs, each a copy or a fill that vectorises: the buckets
+        // before `past` as they were (old ones copied, new ones all `n`),
+        // old buckets from `past` with one more, new ones past both `n + 1`.
+        let copied = past.min(ob + 1);
+        let (head, rest) = table.split_at_mut(copied);
+        for (slot, &count) in head.iter_mut().zip(&old_table[..copied]) {
+            *slot = MaybeUninit::new(count);
+        }
+        let tail = if past <= ob {
+            let (plus_one, tail) = rest.split_at_mut(ob + 1 - past);
+            for (slot, &count) in plus_one.iter_mut().zip(&old_table[past..]) {
+                *slot = MaybeUninit::new(count + 1);
+            }
+            tail
+        } else {
+            let (all_old, tail) = rest.split_at_mut(past - (ob + 1));
+            all_old.fill(MaybeUninit::new(n));
+            tail
+        };
+        tail.fill(MaybeUninit::new(n + 1));
+        // SAFETY: every word of `table` was written just above (the three
+        // runs split it).
+        let at = |b: usize| unsafe { table[b].assume_init() };
+        let grown = (at(past) - at(past - 1)) as usize;
+        match (grown, self.bucket_width) {
+            (0..=1, width) => width,
+            (2..=BLOCK, 0) => 0,
+            (2..=BLOCK, _) => BLOCK,
+            _ => 0,
+        }
+    }
+
+    /// How many buckets, and how wide (`1 << shift` addresses), for `n`
+    /// keys spanning `span` addresses: at most `n.next_power_of_two()`,
+    /// with the smallest shift that allows.
+    fn bucket_layout(n: usize, span: u64) -> (u32, usize) {
+        let most = n.next_power_of_two();
+        let shift = (u64::BITS - span.leading_zeros()).saturating_sub(most.trailing_zeros());
+        (shift, (span >> shift) as usize + 1)
+    }
+
+    /// The lookup a table needs, from its fullest bucket (see the field).
+    fn width_of(fullest: usize) -> usize {
+        match fullest {
+            0 | 1 => 1,
+            2..=BLOCK => BLOCK,
+            _ => 0,
+        }
+    }
+
+    /// The index of `n > 0` sorted keys from `base` to `last`: `key_at(i)`
+    /// is key `i`, `write_keys` writes them all (the bottom level, `n`
+    /// words), `write_buckets(shift, table)` the bucket table (all of
+    /// `table`) and returns the bucket width.
+    fn build(
+        n: usize,
+        base: u64,
+        last: u64,
+        key_at: impl Fn(usize) -> u64,
+        write_keys: impl FnOnce(&mut [MaybeUninit<u64>]),
+        write_buckets: impl FnOnce(u32, &mut [MaybeUninit<u64>]) -> usize,
+    ) -> KeyIndex {
         // Keys per level, bottom-up: the level above `m` keys has
         // `m.div_ceil(BLOCK) - 1`; its `j`-th key is the last of block
         // `j` below, so key `(j + 1) * BLOCK.pow(k) - 1` on level `k`.
@@ -106,11 +261,7 @@ impl KeyIndex {
             sizes[depth + 1] = sizes[depth].div_ceil(BLOCK) - 1;
             depth += 1;
         }
-        // Buckets: at most `most`, with the smallest shift that allows.
-        let (base, span) = (key(&items[0]), key(&items[n - 1]) - key(&items[0]));
-        let most = n.next_power_of_two();
-        let shift = (u64::BITS - span.leading_zeros()).saturating_sub(most.trailing_zeros());
-        let buckets = (span >> shift) as usize + 1;
+        let (shift, buckets) = Self::bucket_layout(n, last - base);
         let tree = sizes[..=depth]
             .iter()
             .map(|m| m.next_multiple_of(BLOCK))
@@ -124,12 +275,13 @@ impl KeyIndex {
         let mut buf: Vec<u64> = Vec::with_capacity(total + BLOCK - 1);
         let front = buf.as_ptr().align_offset(64).min(BLOCK - 1);
         let out = &mut buf.spare_capacity_mut()[..front + total];
-        let u = core::mem::MaybeUninit::new;
+        let u = MaybeUninit::new;
         out[..front].fill(u(u64::MAX));
         // The levels, top first, each padded to whole blocks with
         // `u64::MAX`, then a block of padding.
         let mut levels = [0; MAX_DEPTH];
         let mut at = front;
+        let mut write_keys = Some(write_keys);
         for k in (0..=depth).rev() {
             if k < depth {
                 levels[depth - 1 - k] = at as u64;
@@ -137,13 +289,11 @@ impl KeyIndex {
             let level = &mut out[at..at + sizes[k].next_multiple_of(BLOCK)];
             let (keys, padding) = level.split_at_mut(sizes[k]);
             if k == 0 {
-                for (slot, item) in keys.iter_mut().zip(items) {
-                    *slot = u(key(item));
-                }
+                (write_keys.take().expect("one bottom level"))(keys);
             } else {
                 let stride = BLOCK.pow(k as u32);
                 for (j, slot) in keys.iter_mut().enumerate() {
-                    *slot = u(key(&items[(j + 1) * stride - 1]));
+                    *slot = u(key_at((j + 1) * stride - 1));
                 }
             }
             padding.fill(u(u64::MAX));
@@ -157,18 +307,15 @@ impl KeyIndex {
             *slot = u(level);
         }
         let first_at = at + depth;
-        let fullest = Self::fill_buckets(items.iter().map(&key), base, shift, &mut out[first_at..]);
+        let bucket_width = write_buckets(shift, &mut out[first_at..]);
         // SAFETY: `out`, the first `front + total` words of the spare
         // capacity, is written throughout: the front padding, each level's
-        // keys and padding and the padding block back to back (`at` moves
-        // on by what was written), the `depth` level starts, and the bucket
-        // table, the rest of `out` (`total` counts exactly these).
+        // keys (`write_keys` writes all of the bottom one) and padding and
+        // the padding block back to back (`at` moves on by what was
+        // written), the `depth` level starts, and the bucket table, the
+        // rest of `out` (`total` counts exactly these), which
+        // `write_buckets` writes all of.
         unsafe { buf.set_len(front + total) };
-        let bucket_width = match fullest {
-            0 | 1 => 1,
-            2..=BLOCK => BLOCK,
-            _ => 0,
-        };
         debug_assert_eq!(
             bottom,
             if depth == 0 {
@@ -207,7 +354,7 @@ impl KeyIndex {
         keys: impl ExactSizeIterator<Item = u64>,
         base: u64,
         shift: u32,
-        table: &mut [core::mem::MaybeUninit<u64>],
+        table: &mut [MaybeUninit<u64>],
     ) -> usize {
         let n = keys.len();
         let buckets = table.len() - 1;
@@ -444,8 +591,98 @@ mod tests {
         }
     }
 
-    /// Every word of an index's buffer is written by `new` (which fills
-    /// spare capacity and then sets the length): each word is used in a
+    /// What an index is, apart from where its allocation happens to
+    /// start: the words from the top level on (level starts made relative
+    /// to it) and the fields.
+    fn layout_of(t: &KeyIndex) -> (Vec<u64>, [usize; 8], u64, u32) {
+        let mut words = t.buf[t.top..].to_vec();
+        for w in &mut words[t.levels_at - t.top..t.levels_at - t.top + t.depth] {
+            *w -= t.top as u64;
+        }
+        let at = [t.levels_at, t.bottom, t.first_at].map(|x| x - t.top);
+        let fields = [
+            t.depth,
+            at[0],
+            at[1],
+            at[2],
+            t.len,
+            t.buckets,
+            t.bucket_width,
+            0,
+        ];
+        (words, fields, t.base, t.shift)
+    }
+
+    /// `with_inserted` builds, word for word, the index `new` builds from
+    /// the keys with the new one, whenever it builds one: keys appended
+    /// (a registration above the others), inserted in the middle, equal to
+    /// existing ones, into tables of every bucket width and across tree
+    /// level boundaries. It declines (`None`) only when the buckets change,
+    /// and it takes the common cases: most appends to evenly spaced keys.
+    #[test]
+    fn with_inserted_builds_what_new_builds() {
+        let mut rnd = rng(0x51de_cafe);
+        let (mut reused, mut appends_reused, mut declined) = (0, 0, 0);
+        for n in (1..=300).chain([511, 512, 513, 1000, 4096]) {
+            for layout in 0..5 {
+                let stride = 1 + rnd(0x1000);
+                let mut keys: Vec<u64> = (0..n as u64)
+                    .map(|i| match layout {
+                        0 => 0x1000 + i * stride,
+                        1 => rnd(1 << 20),
+                        2 => rnd(16),
+                        3 => ((i % 5) << 32) | rnd(0x100),
+                        _ => 0xd000 + i * 0x1000 + rnd(0x800),
+                    })
+                    .collect();
+                keys.sort_unstable();
+                let t = KeyIndex::new(&keys, |&k| k);
+                let (first, last) = (keys[0], keys[n - 1]);
+                let candidates = [
+                    last + stride,
+                    last,
+                    first + rnd(last - first + 1),
+                    keys[rnd(n as u64) as usize],
+                    first,
+                    last + rnd(1 << 24),
+                ];
+                for key in candidates {
+                    let pos = keys.partition_point(|&k| k <= key);
+                    let mut with = keys.clone();
+                    with.insert(pos, key);
+                    let Some(inc) = t.with_inserted(pos, key) else {
+                        let full = KeyIndex::new(&with, |&k| k);
+                        assert!(
+                            pos == 0 || full.shift != t.shift || full.base != t.base,
+                            "n {n} layout {layout}: declined a key that keeps the buckets"
+                        );
+                        declined += 1;
+                        continue;
+                    };
+                    let full = KeyIndex::new(&with, |&k| k);
+                    assert_eq!(
+                        layout_of(&inc),
+                        layout_of(&full),
+                        "n {n} layout {layout} key {key:#x}"
+                    );
+                    assert_eq!(inc.fullest_bucket(), full.fullest_bucket());
+                    for x in [key.wrapping_sub(1), key, key + 1, first, last] {
+                        assert_eq!(inc.count_le(x), with.partition_point(|&k| k <= x));
+                    }
+                    reused += 1;
+                    appends_reused += usize::from(pos == n && layout == 0);
+                }
+            }
+        }
+        assert!(
+            reused > 3 * declined,
+            "reused {reused}, declined {declined}"
+        );
+        assert!(appends_reused > 250, "{appends_reused}");
+    }
+
+    /// Every word of an index's buffer is written by `new` and
+    /// `with_inserted` (which fill spare capacity and then set the length): each word is used in a
     /// branch here, so valgrind memcheck (`scripts/valgrind.sh` runs this
     /// crate's unit tests) reports any left uninitialised; the tree is
     /// walked for keys of every layout too. Sizes across block and level
@@ -474,9 +711,18 @@ mod tests {
                 keys.sort_unstable();
                 let t = KeyIndex::new(&keys, |&k| k);
                 assert_eq!(&*t, &keys[..]);
-                for &w in &t.buf {
-                    if core::hint::black_box(w) == 0x1234_5678_9abc_def0 {
-                        sentinel_hits += 1;
+                // And `with_inserted`'s copy, with a key added at the end
+                // and in the middle, when it makes one.
+                let (last, mid) = (keys[n - 1], keys[n / 2]);
+                let grown = [
+                    t.with_inserted(n, last.saturating_add(8)),
+                    t.with_inserted(keys.partition_point(|&k| k <= mid), mid),
+                ];
+                for t in grown.iter().flatten().chain([&t]) {
+                    for &w in &t.buf {
+                        if core::hint::black_box(w) == 0x1234_5678_9abc_def0 {
+                            sentinel_hits += 1;
+                        }
                     }
                 }
                 for &k in keys.iter().step_by(n / 50 + 1) {
