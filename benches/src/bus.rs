@@ -156,6 +156,57 @@ impl DispatchBus for RwLockBTreeBus {
     }
 }
 
+/// (ref) A kvm-bus table dispatched with no synchronisation at all:
+/// `IoBus::write` by itself (lookup, range check, device call), the floor
+/// under both kvm-bus rows, measured in the same rotation. What is left of
+/// a kvm-bus row above it is the read section and `get_bus_srcu`. It also
+/// shows the machine's phase: on the shared 2-vCPU hosts of these reports
+/// this row, which has no locked instruction and no fence, doubles in
+/// some runs together with every other row (the host lends the vCPU half
+/// a core), while a locked instruction's latency does not: the fast/classic
+/// ratio then rises (README, "Performance").
+///
+/// Not a bus a VMM could use: nothing protects the table from an update
+/// (and none is ever made here).
+pub struct BareTableBus {
+    /// Owns the table (never read: nothing updates it).
+    _buses: Buses<srcu::Classic>,
+    /// The table published in `buses` when it was built.
+    table: core::ptr::NonNull<kvm_bus::IoBus>,
+}
+
+// SAFETY: `table` points at an `IoBus`, which is `Sync` (every vCPU reads
+// the published table): sharing or sending the pointer is sharing a
+// `&IoBus`. It stays valid as long as `_buses` (see `dispatch`).
+unsafe impl Sync for BareTableBus {}
+// SAFETY: as for `Sync`.
+unsafe impl Send for BareTableBus {}
+
+impl DispatchBus for BareTableBus {
+    const KEY: &'static str = "bare_table";
+    const LABEL: &'static str = "(ref) the same kvm-bus table, no SRCU: IoBus::write alone";
+    fn with_devices(n: usize) -> Self {
+        let b = SrcuBus::<srcu::Classic>::with_devices(n);
+        let table = {
+            let slots = b.buses.lock_slots();
+            core::ptr::NonNull::from(b.buses.get_bus(&slots, BusKind::Mmio))
+        };
+        BareTableBus {
+            _buses: b.buses,
+            table,
+        }
+    }
+    #[inline]
+    fn dispatch(&self, addr: u64, data: &[u8]) -> bool {
+        // SAFETY: `table` is the table `_buses` published; a published
+        // table is freed only after an update replaces it, and nothing
+        // updates `_buses` (private, and this type offers no update). It
+        // lives in its own allocation, which moving `buses` does not move.
+        let table = unsafe { self.table.as_ref() };
+        table.write(addr, data).is_ok()
+    }
+}
+
 /// Receives every dispatch peer type in turn.
 pub trait BusVisitor {
     /// Called once per bus type.
@@ -172,6 +223,7 @@ pub fn for_each_bus(v: &mut impl BusVisitor) {
     v.visit::<crate::peers::DragonballBus>();
     v.visit::<crate::peers::DragonballCachedBus>();
     v.visit::<RwLockBTreeBus>();
+    v.visit::<BareTableBus>();
 }
 
 /// Thread-CPU ns per dispatch on one thread (one batch of `iters`).

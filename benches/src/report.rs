@@ -808,6 +808,25 @@ fn run_dispatch(cfg: &Config, rep: &mut Report) {
             .collect();
         // kvm-bus classic is built first: the baseline of the ratios.
         let (base1, base2) = (one[0].median(), two_stats[0].median());
+        // What each kvm-bus flavor costs above the same table dispatched
+        // with no synchronisation (the bare-table row, in the same
+        // rotation): the part of a row that the flavor decides.
+        let at = |key: &str| peers.iter().position(|p| p.key() == key);
+        let above_bare = |stats: &[Stats], i: usize| {
+            let bare = at(bus::BareTableBus::KEY)?;
+            let (classic, fast) = (at("srcu")?, at("srcu_fast")?);
+            let floor = stats[bare].median();
+            let (c, f) = (
+                stats[classic].median() - floor,
+                stats[fast].median() - floor,
+            );
+            (i == fast).then(|| {
+                format!(
+                    "above the bare table ({floor:.2} ns): fast +{f:.2} ns, classic +{c:.2} ns ({:.2} x)",
+                    f / c
+                )
+            })
+        };
         for (i, p) in peers.iter().enumerate() {
             let key = format!("dispatch{n}_{}_ns", p.key());
             rep.add(
@@ -817,6 +836,9 @@ fn run_dispatch(cfg: &Config, rep: &mut Report) {
                 &one[i],
                 Some(base1),
             );
+            if let Some(note) = above_bare(&one, i) {
+                rep.note(note);
+            }
         }
         for (i, p) in peers.iter().enumerate() {
             let key = format!("dispatch{n}_{}_2t_ns", p.key());
@@ -827,7 +849,11 @@ fn run_dispatch(cfg: &Config, rep: &mut Report) {
                 &two_stats[i],
                 Some(base2),
             );
-            rep.note(concurrent_note(&two[i]));
+            let mut note = concurrent_note(&two[i]);
+            if let Some(bare) = above_bare(&two_stats, i) {
+                note = format!("{bare}; {note}");
+            }
+            rep.note(note);
             rep.values.insert(
                 format!("dispatch{n}_{}_2t_wall_ns", p.key()),
                 median_of(two[i].iter().map(|c| c.wall_ns_per_op)),
