@@ -104,14 +104,15 @@ impl<T: Send + Sync + 'static> SrcuCell<T> {
         if guard.domain_id() != self.domain.id() {
             wrong_domain();
         }
-        let p = self.ptr.load(Acquire); // Q: pairs with P in `replace`.
-                                        // SAFETY: `p` is null or came from `Box::into_raw` in `new`/`replace`.
-                                        // It is freed only (a) after a grace period that started after it
-                                        // was unpublished (`Stale`), and this section, of the same domain
-                                        // (checked above), began before the unpublish if it loaded `p`, so
-                                        // the grace period waits for `guard`; or (b) by `get_mut`,
-                                        // `into_inner` or drop, which need the cell exclusively, impossible
-                                        // while the returned reference borrows it.
+        // Q: pairs with P in `replace`.
+        let p = self.ptr.load(Acquire);
+        // SAFETY: `p` is null or came from `Box::into_raw` in `new`/`replace`.
+        // It is freed only (a) after a grace period that started after it
+        // was unpublished (`Stale`), and this section, of the same domain
+        // (checked above), began before the unpublish if it loaded `p`, so
+        // the grace period waits for `guard`; or (b) by `get_mut`,
+        // `into_inner` or drop, which need the cell exclusively, impossible
+        // while the returned reference borrows it.
         unsafe { p.as_ref() }
     }
 
