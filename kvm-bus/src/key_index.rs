@@ -134,10 +134,15 @@ impl KeyIndex {
     pub(crate) fn with_inserted(&self, pos: usize, key: u64) -> Option<KeyIndex> {
         let old: &[u64] = self;
         let n = old.len();
-        if pos == 0 || pos > n {
+        // A new smallest key moves the buckets; one equal to the smallest
+        // (a second device at the lowest address, which goes first) does not.
+        if pos > n || old.first().is_none_or(|&first| pos == 0 && key != first) {
             return None;
         }
-        debug_assert!(old[pos - 1] <= key && old.get(pos).is_none_or(|&k| key <= k));
+        debug_assert!(
+            pos.checked_sub(1).is_none_or(|p| old[p] <= key)
+                && old.get(pos).is_none_or(|&k| key <= k)
+        );
         let last = if pos == n { key } else { old[n - 1] };
         let (shift, buckets) = Self::bucket_layout(n + 1, last - self.base);
         if shift != self.shift {
@@ -653,7 +658,7 @@ mod tests {
                     let Some(inc) = t.with_inserted(pos, key) else {
                         let full = KeyIndex::new(&with, |&k| k);
                         assert!(
-                            pos == 0 || full.shift != t.shift || full.base != t.base,
+                            full.shift != t.shift || full.base != t.base,
                             "n {n} layout {layout}: declined a key that keeps the buckets"
                         );
                         declined += 1;
@@ -679,6 +684,84 @@ mod tests {
             "reused {reused}, declined {declined}"
         );
         assert!(appends_reused > 250, "{appends_reused}");
+    }
+
+    /// Every multiset of up to `most` keys drawn from `alphabet`, in order.
+    fn multisets(alphabet: &[u64], most: usize) -> Vec<Vec<u64>> {
+        let mut all = vec![vec![]];
+        let mut last: Vec<(Vec<u64>, usize)> = vec![(vec![], 0)];
+        for _ in 0..most {
+            let mut next = Vec::new();
+            for (set, from) in &last {
+                for (i, &k) in alphabet.iter().enumerate().skip(*from) {
+                    let mut grown = set.clone();
+                    grown.push(k);
+                    next.push((grown, i));
+                }
+            }
+            all.extend(next.iter().map(|(set, _)| set.clone()));
+            last = next;
+        }
+        all
+    }
+
+    /// `with_inserted` against `new`, exhaustively on small key spaces
+    /// (from a review): every multiset of up to 5 keys from alphabets of
+    /// 10 values at the bottom, the top and the middle of the address
+    /// space and strided like devices, and of up to 10 keys from 4 values
+    /// (crowded buckets: the tree lookup); every key of the alphabet
+    /// inserted at every position that keeps the keys sorted (each place
+    /// in a run of equal keys). Whenever it builds an index, it is `new`'s
+    /// word for word and counts like `partition_point` at every value of
+    /// the alphabet and next to it; it declines only when `new` picks
+    /// other buckets.
+    #[test]
+    fn with_inserted_matches_new_on_small_key_spaces() {
+        let (m, h) = (u64::MAX, 1u64 << 63);
+        let cases: [(Vec<u64>, usize); 5] = [
+            ((0..10).collect(), 5),
+            ((0..10).map(|i| m - 9 + i).collect(), 5),
+            (vec![0, 1, 7, h - 1, h, h + 1, m - 2, m - 1, m, 3], 5),
+            ((0..10).map(|i| 0xd000 + i * 0x1000).collect(), 5),
+            (vec![0, 1, 2, 1 << 40], 10),
+        ];
+        let (mut built, mut declined) = (0, 0);
+        for (mut alphabet, most) in cases {
+            alphabet.sort_unstable();
+            let probes: Vec<u64> = alphabet
+                .iter()
+                .flat_map(|&a| [a.wrapping_sub(1), a, a.wrapping_add(1)])
+                .chain([0, m])
+                .collect();
+            for keys in multisets(&alphabet, most).iter().filter(|k| !k.is_empty()) {
+                let t = KeyIndex::new(keys, |&k| k);
+                for &key in &alphabet {
+                    let (lo, hi) = (
+                        keys.partition_point(|&k| k < key),
+                        keys.partition_point(|&k| k <= key),
+                    );
+                    let mut with = keys.clone();
+                    with.insert(lo, key);
+                    let full = KeyIndex::new(&with, |&k| k);
+                    for pos in lo..=hi {
+                        let Some(inc) = t.with_inserted(pos, key) else {
+                            assert!(
+                                full.shift != t.shift || full.base != t.base,
+                                "declined {keys:?} + {key:#x} at {pos}"
+                            );
+                            declined += 1;
+                            continue;
+                        };
+                        assert_eq!(layout_of(&inc), layout_of(&full), "{keys:?} + {key:#x}");
+                        for &x in &probes {
+                            assert_eq!(inc.count_le(x), with.partition_point(|&k| k <= x));
+                        }
+                        built += 1;
+                    }
+                }
+            }
+        }
+        assert!(built > 2 * declined, "built {built}, declined {declined}");
     }
 
     /// Every word of an index's buffer is written by `new` and
