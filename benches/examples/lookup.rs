@@ -24,6 +24,13 @@
 //! 50 registrations each followed by an `unregister_many`), ROUNDS times:
 //! median ns of each.
 //!
+//! `... -- bench-reg-vm [ROUNDS]`: the same with a KVM VM alive in the
+//! process (no vCPU), as in a VMM.
+//!
+//! `... -- turns WHAT`: registration batches in turns with batches of the
+//! kernel's `KVM_IOEVENTFD` assigns and deassigns, or with something else
+//! (see [`turns`]), and probes of the machine's speed.
+//!
 //! `... -- loop BUS N ITERS [fixed|random]`: only ITERS dispatches (BUS =
 //! srcu, srcu_fast, rwlock_btreemap or get_dev) on an N-device bus, for
 //! `valgrind --tool=callgrind --branch-sim=yes` and `perf record`.
@@ -224,7 +231,11 @@ fn main() {
                 .get(2)
                 .map_or(vec![0, 900], |s| vec![s.parse().expect("SIZE")]),
         ),
-        Some("bench-reg") => {
+        Some("turns") => turns(args.get(1).map_or("kernel", String::as_str)),
+        Some(mode @ ("bench-reg" | "bench-reg-vm")) => {
+            // With a KVM VM alive in the process, as in a VMM.
+            let _vm =
+                (mode == "bench-reg-vm").then(|| benches::vm::IoeventVm::new().expect("KVM VM"));
             for _ in 0..args.get(1).map_or(3, |r| r.parse().expect("ROUNDS")) {
                 let buses = Buses::new();
                 let d = bus::register_latency(&buses, bus::RegisterMode::Deferred, 1001, 50);
@@ -261,4 +272,83 @@ fn main() {
         }
         Some(other) => panic!("unknown mode {other}"),
     }
+}
+
+/// `turns WHAT`: 20 rounds of a batch of 50 `register_dev`s (then one
+/// `unregister_many`) and then WHAT: `kernel` (a batch of 50 of the
+/// kernel's `KVM_IOEVENTFD` assigns, then their deassigns, as
+/// `bench-report`'s `register_in_turns_ns`), `kernel-20ms` (the same, then a
+/// 20 ms sleep), `kernel-thread` (the kernel's batch on another thread),
+/// `assign-only` (50 assigns, never deassigned), `sleep` (500 us) or `none`.
+/// Prints the registrations' median, by position in the batch too, and
+/// two probes timed at the start of each round: a multiply-add chain (the
+/// CPU's speed) and 50 allocations and copies of about 1.6 KB (what a
+/// registration's table build does).
+fn turns(what: &str) {
+    let vm = benches::vm::IoeventVm::new().expect("KVM VM");
+    let buses = Buses::new();
+    let (mut ours, mut kernel, mut chain, mut copies) = (vec![], vec![], vec![], vec![]);
+    let buf: Vec<u64> = (0..4096).collect();
+    for _ in 0..20 {
+        chain.push(benches::harness::time_ns(|| {
+            let mut acc = 0u64;
+            for _ in 0..20 {
+                for &x in black_box(&buf) {
+                    acc = acc.wrapping_mul(31).wrapping_add(x);
+                }
+            }
+            black_box(acc);
+        }));
+        let mut held: Vec<Vec<u64>> = Vec::new();
+        copies.push(benches::harness::time_ns(|| {
+            for i in 0..50 {
+                held.push(black_box(&buf[..200 + i]).to_vec());
+                if held.len() > 4 {
+                    held.remove(0);
+                }
+            }
+        }));
+        ours.extend(bus::register_latency(&buses, bus::RegisterMode::Deferred, 50, 50).samples);
+        match what {
+            "kernel" => kernel.extend(vm.register_unregister(50).0.samples),
+            "kernel-20ms" => {
+                kernel.extend(vm.register_unregister(50).0.samples);
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            "kernel-thread" => std::thread::scope(|t| {
+                let vm = &vm;
+                let samples = t.spawn(move || vm.register_unregister(50).0.samples);
+                kernel.extend(samples.join().expect("kernel batch"));
+            }),
+            "assign-only" => vm.assign_ports(ours.len(), 50),
+            "sleep" => std::thread::sleep(std::time::Duration::from_micros(500)),
+            _ => {}
+        }
+    }
+    let at = |lo: usize, hi: usize| {
+        let mut v: Vec<f64> = ours
+            .chunks(50)
+            .flat_map(|c| c[lo..hi].iter().copied())
+            .collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let median = |samples: Vec<f64>| Stats { samples }.median();
+    println!(
+        "{what}: register_dev {:.0} ns (by position in the batch: 0-2 {:.0}, 3-9 {:.0}, \
+         10-29 {:.0}, 30-49 {:.0}), kernel assign {:.0} ns; probes: multiply-add chain \
+         {:.0} ns, 50 x (allocate and copy ~1.6 KB) {:.0} ns",
+        median(ours.clone()),
+        at(0, 3),
+        at(3, 10),
+        at(10, 30),
+        at(30, 50),
+        if kernel.is_empty() {
+            f64::NAN
+        } else {
+            median(kernel)
+        },
+        median(chain),
+        median(copies),
+    );
 }

@@ -862,6 +862,33 @@ fn run_dispatch(cfg: &Config, rep: &mut Report) {
     }
 }
 
+/// kvm-bus's `register_dev` (classic, deferred free) and the kernel's
+/// `KVM_IOEVENTFD` assign in turns: a batch of 50 of ours (then one
+/// `unregister_many`), a batch of 50 of the kernel's assigns (then their
+/// deassigns), and again, `rounds` times. Returns (ours, the kernel's
+/// assigns).
+///
+/// Not what the target uses (`register_ns` is measured back to back, as a
+/// VMM's start-up registers): on these nested-KVM hosts, after a batch of
+/// the kernel's deassigns (each an expedited SRCU grace period, with its
+/// IPIs) allocating and copying memory is slower for milliseconds (a probe
+/// of 50 allocations and copies of 1.6 KB: 11-12 us before, 15-17 us
+/// after; a multiply-add chain is unchanged), and a registration, which
+/// allocates and copies its table, with it. Assigns alone, or a sleep as
+/// long as the kernel's batch, do not do this
+/// (`benches/examples/lookup.rs turns`). A VMM that interleaves
+/// registrations with ioeventfd removals pays this row, not `register_ns`.
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+fn register_in_turns(vm: &crate::vm::IoeventVm, rounds: usize) -> (Stats, Stats) {
+    let buses = kvm_bus::Buses::new();
+    let (mut ours, mut kernel) = (vec![], vec![]);
+    for _ in 0..rounds {
+        ours.extend(bus::register_latency(&buses, RegisterMode::Deferred, 50, 50).samples);
+        kernel.extend(vm.register_unregister(50).0.samples);
+    }
+    (Stats { samples: ours }, Stats { samples: kernel })
+}
+
 fn run_registration(cfg: &Config, rep: &mut Report) {
     const G: &str = "3. Bus registration (no readers unless stated)";
     let buses = kvm_bus::Buses::new();
@@ -936,6 +963,22 @@ fn run_registration(cfg: &Config, rep: &mut Report) {
                 Some(reg),
             );
             kernel = Some(u);
+            let (ours, theirs) = register_in_turns(&vm, cfg.kernel_ioeventfd_n.div_ceil(10));
+            rep.add(
+                G,
+                "kvm-bus register_dev, in turns with the kernel's assign + deassign (batches of 50)",
+                Some("register_in_turns_ns"),
+                &ours,
+                Some(reg),
+            );
+            rep.note("slower after the kernel's deassigns: see `register_in_turns` in report.rs");
+            rep.add(
+                G,
+                "kernel KVM_IOEVENTFD assign, in turns with kvm-bus register_dev (batches of 50)",
+                Some("kernel_ioeventfd_register_in_turns_ns"),
+                &theirs,
+                Some(reg),
+            );
             match crate::vm::PioVm::new()
                 .and_then(|mut v| v.ioeventfd_while_running(cfg.kernel_ioeventfd_n))
             {

@@ -49,6 +49,17 @@ impl IoeventVm {
     pub fn register_unregister(&self, n: usize) -> (Stats, Stats) {
         register_unregister(self.vm.vm_fd(), &self.efd, n)
     }
+
+    /// Assigns `n` ioeventfds on the ports from index `from`, untimed;
+    /// they stay until the VM is dropped (`examples/lookup.rs turns`).
+    pub fn assign_ports(&self, from: usize, n: usize) {
+        for i in from..from + n {
+            self.vm
+                .vm_fd()
+                .register_ioevent(&self.efd, &ioevent_addr(i), NoDatamatch)
+                .expect("KVM_IOEVENTFD assign");
+        }
+    }
 }
 
 fn eventfd() -> Result<EventFd, String> {
