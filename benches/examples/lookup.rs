@@ -279,7 +279,8 @@ fn main() {
 /// kernel's `KVM_IOEVENTFD` assigns, then their deassigns, as
 /// `bench-report`'s `register_in_turns_ns`), `kernel-20ms` (the same, then a
 /// 20 ms sleep), `kernel-thread` (the kernel's batch on another thread),
-/// `assign-only` (50 assigns, never deassigned), `sleep` (500 us) or `none`.
+/// `assign-only` (50 assigns, never deassigned), `fresh-vm` (a new VM for
+/// each batch: created, 50 assigns, dropped), `sleep` (500 us) or `none`.
 /// Prints the registrations' median, by position in the batch too, and
 /// two probes timed at the start of each round: a multiply-add chain (the
 /// CPU's speed) and 50 allocations and copies of about 1.6 KB (what a
@@ -320,7 +321,11 @@ fn turns(what: &str) {
                 let samples = t.spawn(move || vm.register_unregister(50).0.samples);
                 kernel.extend(samples.join().expect("kernel batch"));
             }),
-            "assign-only" => vm.assign_ports(ours.len(), 50),
+            "assign-only" => kernel.extend(vm.assign_ports(ours.len(), 50).samples),
+            "fresh-vm" => {
+                let fresh = benches::vm::IoeventVm::new().expect("KVM VM");
+                kernel.extend(fresh.assign_ports(0, 50).samples);
+            }
             "sleep" => std::thread::sleep(std::time::Duration::from_micros(500)),
             _ => {}
         }

@@ -874,8 +874,9 @@ fn run_dispatch(cfg: &Config, rep: &mut Report) {
 /// IPIs) allocating and copying memory is slower for milliseconds (a probe
 /// of 50 allocations and copies of 1.6 KB: 11-12 us before, 15-17 us
 /// after; a multiply-add chain is unchanged), and a registration, which
-/// allocates and copies its table, with it. Assigns alone, or a sleep as
-/// long as the kernel's batch, do not do this
+/// allocates and copies its table, with it; a fresh VM per batch (created,
+/// 50 assigns, dropped) does the same. Assigns alone, or a sleep as long as
+/// the kernel's batch, do not do this
 /// (`benches/examples/lookup.rs turns`). A VMM that interleaves
 /// registrations with ioeventfd removals pays this row, not `register_ns`.
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
