@@ -1685,6 +1685,17 @@ impl Report {
             s,
             "\n### Targets (issue 6; rust-vmm peers; fast dispatch; floors; side effects)\n"
         );
+        if let Some(bare) = self.get("dispatch64_bare_table_ns") {
+            // The host's phase, for reading the ratios below (README,
+            // "Performance"): the table work alone, no synchronisation.
+            let _ = writeln!(
+                s,
+                "Host phase: the 64-device table dispatched alone took {bare:.2} ns in this run \
+                 (4.4-4.9 ns in the quiet phases of the 2-vCPU hosts these reports come from, \
+                 9.4-10.7 ns in the busy ones, where throughput-bound code loses most: the fast \
+                 flavor's ratios to classic and to its floor rise).\n"
+            );
+        }
         let _ = writeln!(s, "| target | measured | result |");
         let _ = writeln!(s, "|---|---:|---|");
         for t in TARGETS {
