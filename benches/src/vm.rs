@@ -53,16 +53,11 @@ impl IoeventVm {
     /// Assigns `n` ioeventfds on the ports from index `from`, timing each
     /// call; they stay until the VM is dropped (`examples/lookup.rs turns`).
     pub fn assign_ports(&self, from: usize, n: usize) -> Stats {
-        let mut i = from;
-        Stats::collect(n, || {
-            let a = ioevent_addr(i);
-            i += 1;
-            time_ns(|| {
-                self.vm
-                    .vm_fd()
-                    .register_ioevent(&self.efd, &a, NoDatamatch)
-                    .expect("KVM_IOEVENTFD assign")
-            })
+        time_ports(from, n, |a| {
+            self.vm
+                .vm_fd()
+                .register_ioevent(&self.efd, a, NoDatamatch)
+                .expect("KVM_IOEVENTFD assign")
         })
     }
 }
@@ -79,29 +74,25 @@ fn ioevent_addr(i: usize) -> IoEventAddress {
 /// (not [`MiniVm::ioeventfd_latency`], which alternates the two on one
 /// port and keeps only a summary, not the samples).
 fn register_unregister(vm: &VmFd, efd: &EventFd, n: usize) -> (Stats, Stats) {
-    let reg = Stats::collect(n, {
-        let mut i = 0;
-        move || {
-            let a = ioevent_addr(i);
-            i += 1;
-            time_ns(|| {
-                vm.register_ioevent(efd, &a, NoDatamatch)
-                    .expect("KVM_IOEVENTFD assign")
-            })
-        }
+    let reg = time_ports(0, n, |a| {
+        vm.register_ioevent(efd, a, NoDatamatch)
+            .expect("KVM_IOEVENTFD assign")
     });
-    let unreg = Stats::collect(n, {
-        let mut i = 0;
-        move || {
-            let a = ioevent_addr(i);
-            i += 1;
-            time_ns(|| {
-                vm.unregister_ioevent(efd, &a, NoDatamatch)
-                    .expect("KVM_IOEVENTFD deassign")
-            })
-        }
+    let unreg = time_ports(0, n, |a| {
+        vm.unregister_ioevent(efd, a, NoDatamatch)
+            .expect("KVM_IOEVENTFD deassign")
     });
     (reg, unreg)
+}
+
+/// Times `call` on each of the `n` ports from index `from`, in order.
+fn time_ports(from: usize, n: usize, mut call: impl FnMut(&IoEventAddress)) -> Stats {
+    let mut i = from;
+    Stats::collect(n, || {
+        let a = ioevent_addr(i);
+        i += 1;
+        time_ns(|| call(&a))
+    })
 }
 
 /// The port the guest writes to.
