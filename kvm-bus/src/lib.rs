@@ -111,8 +111,9 @@
 //! **Registration never waits** for a grace period: the old table is
 //! retired, and freed by an updater once a grace period has passed
 //! ([`Buses::retired_tables`]; the kernel hands it to `call_srcu`; the wait
-//! it used to do was about a quarter of VM start-up time). It takes the slots lock ([`Buses::lock_slots`]), which is held
-//! only for table publishes: unregisters release it while they wait.
+//! it used to do was about a quarter of VM start-up time). It takes the
+//! slots lock ([`Buses::lock_slots`]), which is held only for table
+//! publishes: unregisters release it while they wait.
 //! [`Buses::register_many`] publishes a whole batch at once.
 //!
 //! **Unregistration is final**: [`Buses::unregister_dev`] publishes the
