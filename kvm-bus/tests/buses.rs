@@ -931,6 +931,62 @@ fn retired_tables_outlive_their_readers_fast() {
     retired_tables_outlive_their_readers(Buses::new_fast());
 }
 
+/// The same from inside a read section of the updating thread, as in a
+/// device handler that registers devices: `retired_tables` answers there
+/// (it never blocks on the list), the tables the registrations retire stay
+/// kept while the section that could still see them is open, even though
+/// every registration tries to free old ones, and once it has ended the
+/// next unregistration frees them all.
+fn retired_tables_inside_a_read_section<F: Flavor>(buses: Buses<F>) {
+    let devs: Vec<Arc<dyn IoDevice>> = (0..4).map(|_| dynp(&Probe::new().0)).collect();
+    let g = buses.read_lock();
+    let mut slots = buses.lock_slots();
+    for (i, d) in devs.iter().enumerate() {
+        buses
+            .register_dev(
+                &mut slots,
+                BusKind::Pio,
+                r(0x60 + 4 * i as u64, 4),
+                d.clone(),
+            )
+            .unwrap();
+    }
+    // Four tables unpublished: the first carries the trim, the others are
+    // kept (none can have a completed grace period: each would wait for
+    // this section).
+    let kept = buses.retired_tables(&slots);
+    assert!(kept.tables >= 3, "{kept:?}");
+    assert_eq!(
+        buses.unregister_dev(&mut slots, BusKind::Pio, &devs[0]),
+        Err(kvm_bus::BusError::InReadSection { kind: BusKind::Pio })
+    );
+    assert_eq!(
+        buses.retired_tables(&slots),
+        kept,
+        "a refused update frees nothing"
+    );
+    drop(slots);
+    drop(g);
+    let mut slots = buses.lock_slots();
+    buses
+        .unregister_dev(&mut slots, BusKind::Pio, &devs[0])
+        .unwrap();
+    assert_eq!(
+        buses.retired_tables(&slots),
+        kvm_bus::RetiredTables::default()
+    );
+}
+
+#[test]
+fn retired_tables_inside_a_read_section_classic() {
+    retired_tables_inside_a_read_section(Buses::new());
+}
+
+#[test]
+fn retired_tables_inside_a_read_section_fast() {
+    retired_tables_inside_a_read_section(Buses::new_fast());
+}
+
 /// Tables retired by registrations with no update after them are still
 /// freed: the trim that the first of them carries runs on the callback
 /// worker after its grace period and frees the rest (re-queuing itself on

@@ -562,8 +562,14 @@ fn panic_during_unregister_wait_leaves_the_buses_working() {
         .register_dev(&mut buses.lock_slots(), BusKind::Pio, r(0x70, 2), d.clone())
         .unwrap();
     assert_eq!(read_tag(&buses, BusKind::Pio, 0x70), Some(1));
-    buses
-        .unregister_dev(&mut buses.lock_slots(), BusKind::Pio, &d)
-        .unwrap();
+    let mut slots = buses.lock_slots();
+    buses.unregister_dev(&mut slots, BusKind::Pio, &d).unwrap();
     assert_eq!(Arc::strong_count(&dev), 2);
+    // Nor are the tables retired before the panic (the panicking
+    // unregister never reached its free of them): this grace period covers
+    // them all, and this unregister frees them.
+    assert_eq!(
+        buses.retired_tables(&slots),
+        kvm_bus::RetiredTables::default()
+    );
 }
