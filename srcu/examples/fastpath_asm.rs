@@ -8,39 +8,39 @@
 //! ```
 //!
 //! `fast_section` (`drop(srcu.read_lock())` of a fast domain on the rseq
-//! path), as rustc 1.95 compiles it: 35 instructions run, 24 between the
+//! path), as rustc 1.95 compiles it: 34 instructions run, 23 between the
 //! prologue and the epilogue; 14 are the two counter updates (7 each, the
 //! sequence of `srcu/src/rseq.rs`), 4 the section tracking of `held.rs`,
-//! one compare-and-branch the domain's read mode; the unlock tests
+//! one compare-and-branch the domain's read mode; everything but the
+//! index is read from the handle (`rdi`) itself, and the unlock tests
 //! nothing before its sequence:
 //!
 //! ```text
-//! push r15 / r14 / r13 / r12 / rbx   ; prologue of the wrapper
-//! mov   r14,[rdi]                    ; inner = srcu.inner
+//! push r15 / r14 / r12 / rbx / rax   ; prologue of the wrapper
+//! mov   r14,[rdi+0x10]               ; inner = srcu.inner
 //! mov   rbx,[r14+0x30]               ; words = counters.cur (the index)
-//! lea   r15,[r14+0x40]               ; &nr_cpus (an address: no load)
-//! cmp   byte [r14+0x45],0x0          ; THE mode test (RseqFenceless?)
-//! jne   slow_lock                    ;   -> inc_lock_slow, out of line
-//! mov   rcx,[r14+0x38]               ; rseq offset (kept for the ticket)
+//! cmp   byte [rdi+0x4],0x0           ; THE mode test (RseqFenceless?),
+//! jne   slow_lock                    ;   on the handle's copy
+//! mov   rcx,[rdi+0x8]                ; rseq offset: the handle's copy
 //! lea   rax,[rip+rseq_cs_1]          ; COUNTER UPDATE 1 (rseq):
 //! mov   fs:[rcx+0x8],rax             ;   arm rseq_cs
 //! mov   eax,fs:[rcx+0x4]             ;   cpu_id
-//! cmp   eax,[r15]                    ;   < nr_cpus? (the compare loads it)
-//! jae   slow_lock                    ;   asm goto: no flag
+//! cmp   eax,[rdi]                    ;   < nr_cpus? (the handle's first
+//! jae   slow_lock                    ;   word; asm goto: no flag)
 //! shl   rax,0x7                      ;   * 128
 //! add   qword [rbx+rax],0x1          ;   commit: this CPU's lock[idx]
-//! movzx r12d,byte [r14+0x44]         ; TRACKING: the domain's slot
-//! mov   r13,0xfffffffffffff7c8       ;   (TLS offset of the counts)
-//! inc   dword fs:[r13+r12*8]         ;   entered += 1
+//! movzx r15d,byte [rdi+0x5]          ; TRACKING: the domain's slot
+//! mov   r12,0xfffffffffffff7c0       ;   (TLS offset of the counts)
+//! inc   dword fs:[r12+r15*8]         ;   entered += 1
 //! lea   rax,[rip+rseq_cs_2]          ; COUNTER UPDATE 2 (rseq), with the
 //! mov   fs:[rcx+0x8],rax             ;   ticket's area, bound and words,
 //! mov   eax,fs:[rcx+0x4]             ;   and no test of the path first
-//! cmp   eax,[r15]                    ;   (an atomic section's area is
+//! cmp   eax,[rdi]                    ;   (an atomic section's area is
 //! jae   slow_unlock                  ;   its thread's stand-in: jae)
 //! shl   rax,0x7
 //! add   qword [rbx+rax+0x10],0x1     ;   commit: this CPU's unlock[idx]
-//! inc   dword fs:[r13+r12*8+0x4]     ; TRACKING: left += 1
-//! pop   rbx / r12 / r13 / r14 / r15; ret
+//! inc   dword fs:[r12+r15*8+0x4]     ; TRACKING: left += 1
+//! add rsp / pop rbx / r12 / r14 / r15; ret
 //! ```
 //!
 //! (The module docs of `srcu/src/percpu.rs` keep the same listing, with
@@ -59,10 +59,13 @@
 //! threads at once (one domain, the floor's counters shared the same way)
 //! and prints each thread's minima. On the 2-vCPU hosts of the reports the
 //! fast section is at the floor (0.96-1.01x) in most runs, and 1.3-1.35x
-//! for one thread in some: 23 instructions against the floor's 16 (1.44x)
-//! cost the same while the floor's chain of dependent loads and stores
-//! bounds both, and more when the core's issue slots are shared (a busy
-//! sibling thread on the host), which the floor's shorter code feels less.
+//! for one thread in some. These loops take the domain as a function
+//! argument, so the compiler loads the handle's pointer to the shared
+//! state once, outside the loop: they never showed the longer chain of
+//! dependent loads that `bench-report`'s loops (which reach the domain
+//! through a closure, as real callers do) paid at two threads, 1.5-1.6x
+//! the floor, until the read-side constants moved into the handle
+//! (`srcu/src/percpu.rs`, "The read fast path").
 //!
 //! `fastpath_asm calls [n]` calls each section function `n` times (for
 //! `valgrind --tool=callgrind`, which has no rseq: the atomic path).

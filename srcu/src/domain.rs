@@ -4,7 +4,7 @@ use crate::callbacks::Callbacks;
 use crate::flavor::{Classic, CounterPath, Fast, Flavor, ReaderMode};
 use crate::grace_period::GracePeriods;
 use crate::guard::ReadGuard;
-use crate::percpu::{Counters, ReadTicket};
+use crate::percpu::{Counters, ReadConsts, ReadTicket};
 use crate::stall::{StallHook, StallReport};
 use crate::sync::Arc;
 use core::marker::PhantomData;
@@ -72,7 +72,11 @@ impl Inner {
 ///
 /// Dropping the domain waits one grace period if callbacks are pending and
 /// runs them all: nothing queued with `call_srcu` is lost.
+#[repr(C)]
 pub struct Srcu<F: Flavor = Classic> {
+    /// Copies of the counters' constant read-side fields, in the handle
+    /// itself, first (see [`ReadConsts`]).
+    read: ReadConsts,
     pub(crate) inner: Arc<Inner>,
     _flavor: PhantomData<F>,
 }
@@ -142,7 +146,9 @@ impl<F: Flavor> Builder<F> {
         if let Some(v) = self.preset {
             counters.preset(v);
         }
+        let read = counters.read_consts();
         let srcu = Srcu {
+            read,
             inner: Arc::new(Inner {
                 fast,
                 counters,
@@ -212,7 +218,10 @@ impl<F: Flavor> Srcu<F> {
         // by the grace period's first scan), one test of the domain's read
         // mode, then the counter update; the fast flavor's test also
         // covers "membarrier unavailable".
-        let ticket = self.inner.counters.inc_lock(F::FAST);
+        let ticket = self
+            .inner
+            .counters
+            .inc_lock(&self.read, F::FAST, || &self.inner.counters);
         ReadGuard::new(self, ticket)
     }
 

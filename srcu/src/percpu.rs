@@ -34,54 +34,62 @@
 //! self-deadlock check) is one `fs`-relative increment on each side, to
 //! two different words.
 //!
+//! The domain's constant read-side fields (rseq offset, bound, mode,
+//! tracking slot) are read from the handle's own copy ([`ReadConsts`]),
+//! so that only the index is behind the handle's pointer to the shared
+//! state, and the bound's address is the handle's.
+//!
 //! `drop(srcu.read_lock())` of a fast domain as the non-inlined function
-//! of `examples/fastpath_asm.rs` (x86_64, rustc 1.95, release), 35
-//! instructions run, 24 without the wrapper's prologue and epilogue (it
-//! was 40 and 29, and 55 and 48 before that; the classic flavor's is 33
-//! and 22, was 40 and 29):
+//! of `examples/fastpath_asm.rs` (x86_64, rustc 1.95, release), 34
+//! instructions run, 23 without the wrapper's prologue and epilogue (it
+//! was 35 and 24, 40 and 29, and 55 and 48 before that; the classic
+//! flavor's is 32 and 21, was 33 and 22, and 40 and 29):
 //!
 //! ```text
-//! push r15 / r14 / r13 / r12 / rbx   ; prologue of the wrapper
-//! mov   r14,[rdi]                    ; inner = srcu.inner
+//! push r15 / r14 / r12 / rbx / rax   ; prologue of the wrapper
+//! mov   r14,[rdi+0x10]               ; inner = srcu.inner
 //! mov   rbx,[r14+0x30]               ; words = counters.cur (the index)
-//! lea   r15,[r14+0x40]               ; &nr_cpus (an address: no load)
-//! cmp   byte [r14+0x45],0x0          ; THE mode test (RseqFenceless?)
-//! jne   slow_lock                    ;   -> inc_lock_slow, out of line
-//! mov   rcx,[r14+0x38]               ; rseq offset (kept for the ticket)
+//! cmp   byte [rdi+0x4],0x0           ; THE mode test (RseqFenceless?),
+//! jne   slow_lock                    ;   on the handle's copy
+//! mov   rcx,[rdi+0x8]                ; rseq offset: the handle's copy
 //! lea   rax,[rip+rseq_cs_1]          ; COUNTER UPDATE 1 (rseq):
 //! mov   fs:[rcx+0x8],rax             ;   arm rseq_cs
 //! mov   eax,fs:[rcx+0x4]             ;   cpu_id
-//! cmp   eax,[r15]                    ;   < nr_cpus? (the compare loads it)
-//! jae   slow_lock                    ;   asm goto: no flag
+//! cmp   eax,[rdi]                    ;   < nr_cpus? (the handle's first
+//! jae   slow_lock                    ;   word; asm goto: no flag)
 //! shl   rax,0x7                      ;   * 128
 //! add   qword [rbx+rax],0x1          ;   commit: this CPU's lock[idx]
-//! movzx r12d,byte [r14+0x44]         ; TRACKING: the domain's slot
-//! mov   r13,0xfffffffffffff7c8       ;   (TLS offset of the counts)
-//! inc   dword fs:[r13+r12*8]         ;   entered += 1
+//! movzx r15d,byte [rdi+0x5]          ; TRACKING: the domain's slot
+//! mov   r12,0xfffffffffffff7c0       ;   (TLS offset of the counts)
+//! inc   dword fs:[r12+r15*8]         ;   entered += 1
 //! lea   rax,[rip+rseq_cs_2]          ; COUNTER UPDATE 2 (rseq), with the
 //! mov   fs:[rcx+0x8],rax             ;   ticket's area, bound and words,
 //! mov   eax,fs:[rcx+0x4]             ;   and no test of the path first
-//! cmp   eax,[r15]                    ;   (an atomic section's area is
+//! cmp   eax,[rdi]                    ;   (an atomic section's area is
 //! jae   slow_unlock                  ;   its thread's stand-in: jae)
 //! shl   rax,0x7
 //! add   qword [rbx+rax+0x10],0x1     ;   commit: this CPU's unlock[idx]
-//! inc   dword fs:[r13+r12*8+0x4]     ; TRACKING: left += 1
-//! pop   rbx / r12 / r13 / r14 / r15; ret
+//! inc   dword fs:[r12+r15*8+0x4]     ; TRACKING: left += 1
+//! add rsp / pop rbx / r12 / r14 / r15; ret
 //! ```
 //!
-//! 14 of the 24 are the two counter updates, exactly the sequence
+//! 14 of the 23 are the two counter updates, exactly the sequence
 //! `__private::RseqPairFloor::pair` runs (the floor); 4 are the tracking.
-//! Inlined into a loop the section is 23 instructions per iteration in
-//! `fastpath_asm`'s `section_loop` (the `lea` is hoisted; the floor's loop:
-//! 16; before: 29) and 24 in the criterion loop of `benches/benches/read.rs`
-//! (before: 31; the floor's: 19); classic: 21 (before: 29).
-//! `fastpath_asm bench` times both in one process: on a 2-vCPU KVM guest
-//! (Xeon, 2.1 GHz) the minima are within noise of the floor (~3 ns) before
-//! and after, but the median of the per-run ratios went from 1.22-1.44x
-//! to 1.02-1.22x (same runs, alternating binaries): on this shared machine
-//! there are phases in which the wider code suffers first when the core's
-//! resources are shared, and fewer instructions suffer less. Compare
-//! minima and medians over several runs.
+//! Inlined into `bench-report`'s timing loops the section is 24
+//! instructions per iteration on one thread (the floor's loop: 18; it was
+//! 25) and about 24 on two (the floor's: 20; it was 28, with the closure's
+//! environment spilled to the stack for want of registers).
+//!
+//! What matters more than the count is the chain of dependent loads
+//! before the first commit: the floor's is its rseq offset, then `cpu_id`
+//! through it. With the offset read through the handle's pointer to the
+//! shared state, the section's chain was one load longer; that is hidden
+//! while the core overlaps consecutive sections, and not when both
+//! hyperthreads of a core run (two readers, or another tenant on the
+//! sibling). Alternating `bench-report --quick` runs of the two builds on
+//! a 2-vCPU KVM guest (Xeon, 2.1 GHz), 3 each: fast section at two threads
+//! 1.53, 1.82, 1.61x the floor before, 1.27, 1.31, 1.35x after; at one
+//! thread the figures move with the host's phase either way (1.0-1.6x).
 //!
 //! Valgrind implements no rseq, so under callgrind the counters take the
 //! atomic path: `drop(read_lock())` there costs 120 instructions (fast)
@@ -196,6 +204,38 @@ impl ReadMode {
     }
 }
 
+/// What `read_lock` needs from the domain besides the index: copies of
+/// the constant read-side fields of its [`Counters`], kept in every handle
+/// ([`crate::Srcu`]) rather than only behind its pointer to the shared
+/// state.
+///
+/// Why: the rseq sequence's critical path is a chain of dependent loads
+/// (the rseq offset, then `cpu_id` through it, then the counter's add).
+/// Read from the shared state, the offset is one load further (the
+/// handle's pointer first). That costs nothing while the core overlaps
+/// consecutive sections, and about half the floor's time when it cannot,
+/// with both hyperthreads of a core busy (two readers, or another tenant
+/// on the sibling): two threads in `bench-report` ran their sections at
+/// 1.5-1.8x the floor, 1.27-1.35x with the copies here (module docs). The
+/// index itself is shared (the flip changes it) and stays behind the
+/// handle's pointer.
+///
+/// The values never change while the handle lives (`held_slot` changes
+/// only at the handle's drop), so the copies are exact. A [`ReadTicket`]
+/// made from them points at the handle's `nr_cpus`; the guard that
+/// carries it borrows the handle. `nr_cpus` comes first, and these
+/// constants first in the handle (both `repr(C)`), so that the address
+/// the sequence's compare reads is the handle's own: no instruction
+/// computes it.
+#[derive(Clone, Copy, Debug)]
+#[repr(C)]
+pub(crate) struct ReadConsts {
+    nr_cpus: u32,
+    mode: ReadMode,
+    held_slot: u8,
+    rseq: RseqOffset,
+}
+
 /// All counters of one domain.
 pub(crate) struct Counters {
     /// `srcu_idx` as the readers see it: the address of
@@ -258,6 +298,16 @@ impl Counters {
         // The slots are on the heap: the address stays when `c` moves.
         c.cur = AtomicPtr::new(c.words(0));
         c
+    }
+
+    /// The copies a handle keeps (see [`ReadConsts`]).
+    pub(crate) fn read_consts(&self) -> ReadConsts {
+        ReadConsts {
+            rseq: self.rseq,
+            nr_cpus: self.nr_cpus,
+            mode: self.mode,
+            held_slot: self.held_slot,
+        }
     }
 
     /// The counter words new readers use (relaxed: pairs with barriers D
@@ -371,18 +421,32 @@ impl Counters {
     /// rseq path. Everything else (the atomic path, a CPU beyond the
     /// per-CPU slots, a fast domain without membarrier) is the out-of-line
     /// [`Counters::inc_lock_slow`]. Returns the section's ticket.
+    ///
+    /// `read` is the copy of this domain's constants in the caller's
+    /// handle ([`Counters::read_consts`]), which must outlive the ticket
+    /// (it points at its `nr_cpus`). `counters` finds these counters again
+    /// for the out-of-line path only (the caller passes `||
+    /// &srcu.inner.counters`): handed `&self`, the compiler computed its
+    /// address on the inlined path too, one instruction per section that
+    /// only the slow path uses.
     #[inline(always)]
-    pub(crate) fn inc_lock(&self, fast_flavor: bool) -> ReadTicket {
+    pub(crate) fn inc_lock<'a>(
+        &self,
+        read: &ReadConsts,
+        fast_flavor: bool,
+        counters: impl FnOnce() -> &'a Counters,
+    ) -> ReadTicket {
+        debug_assert!(read.nr_cpus == self.nr_cpus && read.mode == self.mode);
         // Loaded once, before the asm (a compiler barrier), and kept in
         // registers for the ticket. Pairs with barriers D and E around the
         // flip (see `current_words`).
         let words = self.current_words();
-        let rseq = self.rseq;
+        let rseq = read.rseq;
         // An address, not a load: the sequence's compare reads the bound.
-        let nr_cpus = &raw const self.nr_cpus;
+        let nr_cpus = &raw const read.nr_cpus;
         let rseq = 'rseq: {
             if fast_flavor {
-                if self.mode == ReadMode::RseqFenceless {
+                if read.mode == ReadMode::RseqFenceless {
                     // SAFETY: the mode is rseq only if `rseq` came from
                     // `detect`; `nr_cpus` is a field of `self`;
                     // `words + c * 128` for `c < nr_cpus` is
@@ -392,7 +456,7 @@ impl Counters {
                         break 'rseq rseq;
                     }
                 }
-            } else if self.mode == ReadMode::RseqFenced {
+            } else if read.mode == ReadMode::RseqFenced {
                 if cfg!(srcu_teeth = "b") {
                     // Teeth: B removed, the lock word by the (fenceless)
                     // rseq add. Only the teeth builds write it this way.
@@ -407,7 +471,7 @@ impl Counters {
                     // Below 2^32: compared as a `u32` (against the bound
                     // in memory), used as a `usize` (see `cpu_id`).
                     let cpu = rseq::cpu_id(rseq);
-                    if (cpu as u32) < self.nr_cpus {
+                    if (cpu as u32) < read.nr_cpus {
                         // `words + cpu * 128` is `slots[cpu].lock[idx]`.
                         #[cfg(all(target_arch = "x86_64", not(loom)))]
                         // SAFETY: `cpu < nr_cpus <= slots.len()` and
@@ -426,13 +490,13 @@ impl Counters {
                     }
                 }
             }
-            self.inc_lock_slow(words)
+            counters().inc_lock_slow(words)
         };
         ReadTicket {
             words,
             rseq,
             nr_cpus,
-            held_slot: self.held_slot,
+            held_slot: read.held_slot,
         }
     }
 
