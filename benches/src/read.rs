@@ -31,10 +31,18 @@ pub trait ReadVisitor {
 }
 
 /// `srcu` of flavor `F` with an [`SrcuCell`] holding the value.
+///
+/// The domain comes first (`repr(C)`): `read_lock`'s sequence compares
+/// against a bound at the start of the handle, which is then the peer's
+/// own address, so the compiler spends no instruction (and, in the
+/// two-thread loop, no register) computing it. (Fields drop in order, the
+/// domain first; the cell's drop frees its value directly and needs no
+/// grace period.)
+#[repr(C)]
 pub struct SrcuPeer<F: Flavor> {
+    srcu: Srcu<F>,
     cell: SrcuCell<u64>,
     _lock: UpdateLock,
-    srcu: Srcu<F>,
 }
 
 impl<F: Flavor> SrcuPeer<F> {

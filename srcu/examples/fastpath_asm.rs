@@ -11,7 +11,7 @@
 //! path), as rustc 1.95 compiles it: 34 instructions run, 23 between the
 //! prologue and the epilogue; 14 are the two counter updates (7 each, the
 //! sequence of `srcu/src/rseq.rs`), 4 the section tracking of `held.rs`,
-//! one compare-and-branch the domain's read mode; everything but the
+//! one test-and-branch the domain's read mode; everything but the
 //! index is read from the handle (`rdi`) itself, and the unlock tests
 //! nothing before its sequence:
 //!
@@ -19,17 +19,17 @@
 //! push r15 / r14 / r12 / rbx / rax   ; prologue of the wrapper
 //! mov   r14,[rdi+0x10]               ; inner = srcu.inner
 //! mov   rbx,[r14+0x30]               ; words = counters.cur (the index)
-//! cmp   byte [rdi+0x4],0x0           ; THE mode test (RseqFenceless?),
-//! jne   slow_lock                    ;   on the handle's copy
 //! mov   rcx,[rdi+0x8]                ; rseq offset: the handle's copy
+//! test  rcx,rcx                      ; THE mode test (an rseq mode?
+//! je    slow_lock                    ;   which one: the bound, below)
 //! lea   rax,[rip+rseq_cs_1]          ; COUNTER UPDATE 1 (rseq):
 //! mov   fs:[rcx+0x8],rax             ;   arm rseq_cs
 //! mov   eax,fs:[rcx+0x4]             ;   cpu_id
-//! cmp   eax,[rdi]                    ;   < nr_cpus? (the handle's first
-//! jae   slow_lock                    ;   word; asm goto: no flag)
+//! cmp   eax,[rdi]                    ;   < lock_bound? (the handle's
+//! jae   slow_lock                    ;   first word, 0 unless fenceless)
 //! shl   rax,0x7                      ;   * 128
 //! add   qword [rbx+rax],0x1          ;   commit: this CPU's lock[idx]
-//! movzx r15d,byte [rdi+0x5]          ; TRACKING: the domain's slot
+//! movzx r15d,byte [rdi+0x4]          ; TRACKING: the domain's slot
 //! mov   r12,0xfffffffffffff7c0       ;   (TLS offset of the counts)
 //! inc   dword fs:[r12+r15*8]         ;   entered += 1
 //! lea   rax,[rip+rseq_cs_2]          ; COUNTER UPDATE 2 (rseq), with the

@@ -146,7 +146,7 @@ impl<F: Flavor> Builder<F> {
         if let Some(v) = self.preset {
             counters.preset(v);
         }
-        let read = counters.read_consts();
+        let read = counters.read_consts(F::FAST);
         let srcu = Srcu {
             read,
             inner: Arc::new(Inner {
@@ -216,8 +216,8 @@ impl<F: Flavor> Srcu<F> {
         // The index (its counter words, relaxed: pairs with barriers D and
         // E around the flip; a reader that reads a stale index is covered
         // by the grace period's first scan), one test of the domain's read
-        // mode, then the counter update; the fast flavor's test also
-        // covers "membarrier unavailable".
+        // mode, then the counter update; the fast flavor's bound also
+        // covers "membarrier unavailable" (`ReadConsts`).
         let ticket = self
             .inner
             .counters

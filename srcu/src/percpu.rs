@@ -22,7 +22,9 @@
 //!
 //! `read_lock` loads the index as the address of its counter words
 //! (`cur`, the kernel's `srcu_ctrp`: no index arithmetic), makes one test
-//! of the mode byte, then the counter update; everything else is out of
+//! of the mode (of the rseq offset it loads anyway: an rseq mode? which
+//! one is the sequence's bound, [`ReadConsts`]), then the counter update;
+//! everything else is out of
 //! line (`inc_lock_slow`, `inc_unlock_slow`). The rseq sequence leaves
 //! through an `asm goto` to the fallback and reads its bound with its
 //! compare, and `read_lock` hands the guard a [`ReadTicket`] with all that
@@ -49,17 +51,17 @@
 //! push r15 / r14 / r12 / rbx / rax   ; prologue of the wrapper
 //! mov   r14,[rdi+0x10]               ; inner = srcu.inner
 //! mov   rbx,[r14+0x30]               ; words = counters.cur (the index)
-//! cmp   byte [rdi+0x4],0x0           ; THE mode test (RseqFenceless?),
-//! jne   slow_lock                    ;   on the handle's copy
 //! mov   rcx,[rdi+0x8]                ; rseq offset: the handle's copy
+//! test  rcx,rcx                      ; THE mode test (an rseq mode?
+//! je    slow_lock                    ;   which one: the bound, below)
 //! lea   rax,[rip+rseq_cs_1]          ; COUNTER UPDATE 1 (rseq):
 //! mov   fs:[rcx+0x8],rax             ;   arm rseq_cs
 //! mov   eax,fs:[rcx+0x4]             ;   cpu_id
-//! cmp   eax,[rdi]                    ;   < nr_cpus? (the handle's first
-//! jae   slow_lock                    ;   word; asm goto: no flag)
+//! cmp   eax,[rdi]                    ;   < lock_bound? (the handle's
+//! jae   slow_lock                    ;   first word, 0 unless fenceless)
 //! shl   rax,0x7                      ;   * 128
 //! add   qword [rbx+rax],0x1          ;   commit: this CPU's lock[idx]
-//! movzx r15d,byte [rdi+0x5]          ; TRACKING: the domain's slot
+//! movzx r15d,byte [rdi+0x4]          ; TRACKING: the domain's slot
 //! mov   r12,0xfffffffffffff7c0       ;   (TLS offset of the counts)
 //! inc   dword fs:[r12+r15*8]         ;   entered += 1
 //! lea   rax,[rip+rseq_cs_2]          ; COUNTER UPDATE 2 (rseq), with the
@@ -104,6 +106,14 @@ use crate::rseq::{self, RseqOffset};
 use crate::sync::{fence, AtomicPtr, AtomicUsize};
 use core::sync::atomic::Ordering::{Relaxed, Release, SeqCst};
 use crossbeam_utils::CachePadded;
+
+/// Marks the path that calls it as unlikely, for block placement:
+/// `core::hint::cold_path`, which is stable only from Rust 1.95, above this
+/// crate's minimum. A call to a `#[cold]` function says the same to the
+/// compiler; this one is empty and runs only on the out-of-line paths.
+#[cold]
+#[inline(never)]
+fn cold_path() {}
 
 /// Extra slots written only with atomic RMWs.
 /// (Under loom none: fewer atomics keep the models small.)
@@ -221,18 +231,27 @@ impl ReadMode {
 /// handle's pointer.
 ///
 /// The values never change while the handle lives (`held_slot` changes
-/// only at the handle's drop), so the copies are exact. A [`ReadTicket`]
-/// made from them points at the handle's `nr_cpus`; the guard that
-/// carries it borrows the handle. `nr_cpus` comes first, and these
-/// constants first in the handle (both `repr(C)`), so that the address
-/// the sequence's compare reads is the handle's own: no instruction
-/// computes it.
+/// only at the handle's drop), so the copies are exact, and the mode
+/// needs no byte of its own: it is folded into `rseq` and `lock_bound`
+/// (below), which the fast path loads anyway, so that its one test of the
+/// mode is a test of a register. A [`ReadTicket`] made on the fast path
+/// points at the handle's `lock_bound`; the guard that carries it borrows
+/// the handle. `lock_bound` comes first, and these constants first in the
+/// handle (both `repr(C)`), so that the address the sequence's compare
+/// reads is the handle's own: no instruction computes it.
 #[derive(Clone, Copy, Debug)]
 #[repr(C)]
 pub(crate) struct ReadConsts {
-    nr_cpus: u32,
-    mode: ReadMode,
+    /// The bound of the lock side's fast path: `nr_cpus` if the domain's
+    /// mode is its flavor's fast one ([`ReadMode::RseqFenceless`] for the
+    /// fast flavor, [`ReadMode::RseqFenced`] for classic), else 0, which
+    /// sends every lock to the out-of-line path through the sequence's own
+    /// compare (after it armed `rseq_cs` of a real rseq area: harmless).
+    lock_bound: u32,
     held_slot: u8,
+    /// glibc's rseq offset in the rseq modes; 0 (never a valid offset:
+    /// the thread control block is there) in the atomic ones, which the
+    /// fast path tests before anything reaches `fs`.
     rseq: RseqOffset,
 }
 
@@ -300,13 +319,26 @@ impl Counters {
         c
     }
 
-    /// The copies a handle keeps (see [`ReadConsts`]).
-    pub(crate) fn read_consts(&self) -> ReadConsts {
+    /// The copies a handle of flavor `fast_flavor` keeps (see
+    /// [`ReadConsts`]).
+    pub(crate) fn read_consts(&self, fast_flavor: bool) -> ReadConsts {
+        let fast_mode = if fast_flavor {
+            ReadMode::RseqFenceless
+        } else {
+            ReadMode::RseqFenced
+        };
         ReadConsts {
-            rseq: self.rseq,
-            nr_cpus: self.nr_cpus,
-            mode: self.mode,
+            lock_bound: if self.mode == fast_mode {
+                self.nr_cpus
+            } else {
+                0
+            },
             held_slot: self.held_slot,
+            rseq: if self.mode.is_rseq() {
+                self.rseq
+            } else {
+                RseqOffset(0)
+            },
         }
     }
 
@@ -417,14 +449,14 @@ impl Counters {
     /// only (fast flavor in [`ReadMode::RseqFenceless`], whose partner is
     /// membarrier).
     ///
-    /// Inlined: one test of `mode`, then the flavor's counter update on the
-    /// rseq path. Everything else (the atomic path, a CPU beyond the
+    /// Inlined: one test of the mode (a nonzero rseq offset; the bound
+    /// tells the rest), then the flavor's counter update on the rseq path. Everything else (the atomic path, a CPU beyond the
     /// per-CPU slots, a fast domain without membarrier) is the out-of-line
     /// [`Counters::inc_lock_slow`]. Returns the section's ticket.
     ///
     /// `read` is the copy of this domain's constants in the caller's
     /// handle ([`Counters::read_consts`]), which must outlive the ticket
-    /// (it points at its `nr_cpus`). `counters` finds these counters again
+    /// (it points at its `lock_bound`). `counters` finds these counters again
     /// for the out-of-line path only (the caller passes `||
     /// &srcu.inner.counters`): handed `&self`, the compiler computed its
     /// address on the inlined path too, one instruction per section that
@@ -436,42 +468,50 @@ impl Counters {
         fast_flavor: bool,
         counters: impl FnOnce() -> &'a Counters,
     ) -> ReadTicket {
-        debug_assert!(read.nr_cpus == self.nr_cpus && read.mode == self.mode);
+        debug_assert!(read.lock_bound == self.nr_cpus || read.lock_bound == 0);
+        debug_assert_eq!(read.rseq.0 != 0, self.mode.is_rseq());
         // Loaded once, before the asm (a compiler barrier), and kept in
         // registers for the ticket. Pairs with barriers D and E around the
         // flip (see `current_words`).
         let words = self.current_words();
         let rseq = read.rseq;
         // An address, not a load: the sequence's compare reads the bound.
-        let nr_cpus = &raw const read.nr_cpus;
+        let lock_bound = &raw const read.lock_bound;
+        // The ticket's bound is the handle's `lock_bound` on every path, so
+        // that no instruction chooses it: `nr_cpus` wherever the lock side
+        // ran the sequence, and 0 (the unlock then takes its out-of-line
+        // atomic path too) only in a fast domain without membarrier.
         let rseq = 'rseq: {
-            if fast_flavor {
-                if read.mode == ReadMode::RseqFenceless {
-                    // SAFETY: the mode is rseq only if `rseq` came from
-                    // `detect`; `nr_cpus` is a field of `self`;
-                    // `words + c * 128` for `c < nr_cpus` is
+            // THE mode test: an rseq mode. (Which one: `lock_bound`.)
+            if rseq.0 != 0 {
+                if fast_flavor {
+                    // SAFETY: a nonzero `rseq` came from `detect`;
+                    // `lock_bound` is a field of the handle; it is 0
+                    // unless the mode is `RseqFenceless`, and then `words
+                    // + c * 128` for `c < lock_bound` (= `nr_cpus`) is
                     // `slots[c].lock[idx]`, written only by this sequence
                     // in this mode (table above).
-                    if unsafe { rseq::percpu_inc::<LOCK_OFFSET>(rseq, words, nr_cpus) } {
+                    if unsafe { rseq::percpu_inc::<LOCK_OFFSET>(rseq, words, lock_bound) } {
                         break 'rseq rseq;
                     }
-                }
-            } else if read.mode == ReadMode::RseqFenced {
-                if cfg!(srcu_teeth = "b") {
+                } else if cfg!(srcu_teeth = "b") {
                     // Teeth: B removed, the lock word by the (fenceless)
                     // rseq add. Only the teeth builds write it this way.
-                    // SAFETY: as above; in this build the per-CPU lock
-                    // words are written only by this sequence.
-                    if unsafe { rseq::percpu_inc::<LOCK_OFFSET>(rseq, words, nr_cpus) } {
+                    // SAFETY: as above (`lock_bound` is `nr_cpus` in
+                    // `RseqFenced`, classic's only rseq mode); in this
+                    // build the per-CPU lock words are written only by
+                    // this sequence.
+                    if unsafe { rseq::percpu_inc::<LOCK_OFFSET>(rseq, words, lock_bound) } {
                         break 'rseq rseq;
                     }
                 } else {
-                    // Classic: a locked add on this CPU's slot (atomic, so
-                    // a migration in between is harmless); it is barrier B.
+                    // Classic (whose only rseq mode is `RseqFenced`): a
+                    // locked add on this CPU's slot (atomic, so a
+                    // migration in between is harmless); it is barrier B.
                     // Below 2^32: compared as a `u32` (against the bound
                     // in memory), used as a `usize` (see `cpu_id`).
                     let cpu = rseq::cpu_id(rseq);
-                    if (cpu as u32) < read.nr_cpus {
+                    if (cpu as u32) < read.lock_bound {
                         // `words + cpu * 128` is `slots[cpu].lock[idx]`.
                         #[cfg(all(target_arch = "x86_64", not(loom)))]
                         // SAFETY: `cpu < nr_cpus <= slots.len()` and
@@ -490,12 +530,16 @@ impl Counters {
                     }
                 }
             }
+            // Out of line and out of the way: without the hint the
+            // compiler may lay this call between the sequence's commit and
+            // the code after it, which then costs a taken jump a section.
+            cold_path();
             counters().inc_lock_slow(words)
         };
         ReadTicket {
             words,
             rseq,
-            nr_cpus,
+            nr_cpus: lock_bound,
             held_slot: read.held_slot,
         }
     }
@@ -582,6 +626,7 @@ impl Counters {
         if unsafe { rseq::percpu_inc::<UNLOCK_OFFSET>(t.rseq, t.words, t.nr_cpus) } {
             return;
         }
+        cold_path();
         counters().inc_unlock_slow(t.words);
     }
 
