@@ -2,7 +2,7 @@
 //! while the vCPUs run, some of them moved and ejected by the guest itself.
 //!
 //! ```text
-//! cargo run --release -p kvm-bus --features test-vm --example vm_demo [-- --vcpus N --seconds S]
+//! cargo run --release -p kvm-bus --example vm_demo [-- --vcpus N --seconds S]
 //! ```
 //!
 //! The guest code is built in Rust (`kvm_bus::kvm::Asm`) and embedded: no

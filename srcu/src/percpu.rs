@@ -77,10 +77,12 @@
 //!
 //! 14 of the 23 are the two counter updates, exactly the sequence
 //! `__private::RseqPairFloor::pair` runs (the floor); 4 are the tracking.
-//! Inlined into `bench-report`'s timing loops the section is 24
+//! Inlined into `bench-report`'s timing loops the section is 22
 //! instructions per iteration on one thread (the floor's loop: 18; it was
-//! 25) and about 24 on two (the floor's: 20; it was 28, with the closure's
-//! environment spilled to the stack for want of registers).
+//! 25) and 23 on two (the floor's: 20; it was 28, with the closure's
+//! environment spilled to the stack for want of registers). There the
+//! domain is the first field of its struct (`benches/src/read.rs`): the
+//! bound's address is then the struct's own.
 //!
 //! What matters more than the count is the chain of dependent loads
 //! before the first commit: the floor's is its rseq offset, then `cpu_id`
