@@ -2,10 +2,10 @@
 //!
 //! Readers enter a section with [`Srcu::read_lock`], which costs two
 //! non-locked per-CPU adds in restartable sequences and no fence in the
-//! [`Fast`] flavor (3-5.5 ns for `read_lock` + drop on a 2-vCPU Xeon VM,
-//! 1.1-1.6x the two bare adds, depending on how busy the host is), and one
-//! locked add plus one non-locked add in the [`Classic`] flavor (11-13 ns
-//! there), and may block
+//! [`Fast`] flavor (3-4.3 ns for `read_lock` + drop on a 2-vCPU Xeon VM,
+//! 1.0-1.3x the two bare adds, depending on how busy the host is), and one
+//! locked add plus one non-locked add in the [`Classic`] flavor (10-12.5
+//! ns there), and may block
 //! or sleep inside it. Updaters unpublish data and wait
 //! for pre-existing readers with [`Srcu::synchronize`], or defer the free with
 //! [`Srcu::call_srcu`]. This is the design of Linux's `kernel/rcu/srcutree.c`
