@@ -96,8 +96,11 @@
 //! thread the figures move with the host's phase either way (1.0-1.6x).
 //!
 //! Valgrind implements no rseq, so under callgrind the counters take the
-//! atomic path: `drop(read_lock())` there costs 120 instructions (fast)
-//! and 118 (classic) per section, most of them `thread_hint` and its
+//! atomic path: `drop(read_lock())` there costs 130 instructions (fast)
+//! and 128 (classic) per section (120 and 118 before the handle's copy of
+//! the constants; 4 of the 10 are the calls of the empty `#[cold]`
+//! function, one on each side, that keep the rseq path's layout straight),
+//! most of them `thread_hint` and its
 //! modulo in `atomic_slot` (callgrind, `fastpath_asm calls 100000`,
 //! inclusive cost of the wrapper per call; was 118 and 115, and 109 and
 //! 108 before that: the stand-in's address and the unlock's sequence,
