@@ -96,11 +96,11 @@
 //! thread the figures move with the host's phase either way (1.0-1.6x).
 //!
 //! Valgrind implements no rseq, so under callgrind the counters take the
-//! atomic path: `drop(read_lock())` there costs 130 instructions (fast)
-//! and 128 (classic) per section (120 and 118 before the handle's copy of
-//! the constants; 4 of the 10 are the calls of the empty `#[cold]`
-//! function, one on each side, that keep the rseq path's layout straight),
-//! most of them `thread_hint` and its
+//! atomic path: `drop(read_lock())` there costs 128 instructions (fast)
+//! and 126 (classic) per section (120 and 118 before the handle's copy of
+//! the constants; 2 of the 8 are the call of the empty `#[cold]` function
+//! on the lock side's out-of-line path that keeps the rseq path's layout
+//! straight), most of them `thread_hint` and its
 //! modulo in `atomic_slot` (callgrind, `fastpath_asm calls 100000`,
 //! inclusive cost of the wrapper per call; was 118 and 115, and 109 and
 //! 108 before that: the stand-in's address and the unlock's sequence,
@@ -115,7 +115,10 @@ use crossbeam_utils::CachePadded;
 /// Marks the path that calls it as unlikely, for block placement:
 /// `core::hint::cold_path`, which is stable only from Rust 1.95, above this
 /// crate's minimum. A call to a `#[cold]` function says the same to the
-/// compiler; this one is empty and runs only on the out-of-line paths.
+/// compiler; this one is empty and runs only on the lock side's
+/// out-of-line path (where the sequence's `asm goto` exit and the mode test
+/// meet; without it the compiler laid that path between the commit and the
+/// code after it, a taken jump a section).
 #[cold]
 #[inline(never)]
 fn cold_path() {}
@@ -631,7 +634,6 @@ impl Counters {
         if unsafe { rseq::percpu_inc::<UNLOCK_OFFSET>(t.rseq, t.words, t.nr_cpus) } {
             return;
         }
-        cold_path();
         counters().inc_unlock_slow(t.words);
     }
 
