@@ -203,8 +203,9 @@ impl<F: Flavor> Srcu<F> {
 
     /// Enters a read section; dropping the guard leaves it.
     ///
-    /// Never blocks, allocates or makes a system call. Sections nest, and
-    /// the guard may be sent to and dropped on another thread.
+    /// Never blocks, allocates or makes a system call. Sections nest. The
+    /// guard is `!Send`; a section moves to another thread through
+    /// [`ReadGuard::into_sendable`].
     ///
     /// Ordering: in the classic flavor, every access after `read_lock` is
     /// ordered after it by a full barrier (B). In the fast flavor there is

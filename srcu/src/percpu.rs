@@ -11,7 +11,7 @@
 //!
 //! | path | per-CPU slots `[0, nr_cpus)` | shared slots |
 //! |---|---|---|
-//! | [`CounterPath::Rseq`] | rseq adds on the current CPU's slot (fast flavor: both counters; classic: `unlock`), `lock add` on `lock` (classic) | atomic RMW by threads whose rseq area is unusable |
+//! | [`CounterPath::Rseq`] | rseq adds on the current CPU's slot (fast flavor with membarrier: both counters; classic and fast without membarrier: `unlock`), `lock add` on `lock` (classic, fast without membarrier) | atomic RMW (threads whose rseq area is unusable, CPUs beyond the slots) |
 //! | [`CounterPath::Atomic`] | atomic RMW on a hinted slot | atomic RMW on a hinted slot |
 //!
 //! So an rseq-written word is never written by an atomic RMW, and vice
@@ -168,8 +168,11 @@ const UNLOCK_OFFSET: usize = 2 * core::mem::size_of::<usize>();
 pub(crate) struct ReadTicket {
     words: *mut u64,
     rseq: RseqOffset,
-    /// The address of the domain's `nr_cpus`, which the sequence's compare
-    /// reads.
+    /// The address of the bound the sequence's compare reads: the handle's
+    /// `lock_bound` ([`ReadConsts`]) for a ticket made by `read_lock` (0 in
+    /// the modes whose unlock then retries out of line, or takes the
+    /// atomic path), the counters' `nr_cpus` for one made by
+    /// [`Counters::ticket`].
     nr_cpus: *const u32,
     /// The domain's slot in the per-thread section counts (`held.rs`).
     pub(crate) held_slot: u8,
@@ -193,9 +196,10 @@ const _: () = assert!(
 const _: () = assert!(core::mem::size_of::<CachePadded<Slot>>() == 128);
 
 /// How a domain's readers update the counters: whether the rseq path is
-/// usable and whether barrier B is a fence, decided once at creation and
-/// kept in one byte, so that each read-side hot path is one
-/// compare-and-branch on it followed by the counter update.
+/// usable and whether barrier B is a fence, decided once at creation. The
+/// read side's fast paths do not read it: it is folded into the handle's
+/// [`ReadConsts`] (its rseq offset and lock-side bound); the out-of-line
+/// paths and `Srcu::counter_path` do.
 ///
 /// Bit 0: B is a fence (classic, or fast without membarrier). Bit 1: the
 /// atomic path (no rseq).
@@ -242,7 +246,7 @@ impl ReadMode {
 /// only at the handle's drop), so the copies are exact, and the mode
 /// needs no byte of its own: it is folded into `rseq` and `lock_bound`
 /// (below), which the fast path loads anyway, so that its one test of the
-/// mode is a test of a register. A [`ReadTicket`] made on the fast path
+/// mode is a test of a register. Every [`ReadTicket`] made by `read_lock`
 /// points at the handle's `lock_bound`; the guard that carries it borrows
 /// the handle. `lock_bound` comes first, and these constants first in the
 /// handle (both `repr(C)`), so that the address the sequence's compare
@@ -271,11 +275,13 @@ pub(crate) struct Counters {
     /// one instruction. Only the driver of the grace period writes it
     /// ([`Counters::flip_to`], between barriers E and D).
     cur: AtomicPtr<u64>,
-    /// Read by every `read_lock`.
+    /// Read by the out-of-line paths (`read_lock`'s fast path reads the
+    /// handle's [`ReadConsts`], into which it is folded).
     mode: ReadMode,
-    /// The number of per-CPU slots (the shared ones follow them); read from
-    /// memory by the compare of every rseq sequence (`percpu_inc`),
-    /// through the address in the ticket.
+    /// The number of per-CPU slots (the shared ones follow them); the bound
+    /// of the sequences of tickets made by [`Counters::ticket`] and of the
+    /// out-of-line unlock's retry (`read_lock`'s tickets carry the handle's
+    /// copy, [`ReadConsts::lock_bound`]).
     nr_cpus: u32,
     /// Meaningful only when `mode.is_rseq()` (then it came from `detect`).
     /// Otherwise a placeholder that must never reach a sequence (`fs:[8]`
@@ -487,8 +493,10 @@ impl Counters {
         let lock_bound = &raw const read.lock_bound;
         // The ticket's bound is the handle's `lock_bound` on every path, so
         // that no instruction chooses it: `nr_cpus` wherever the lock side
-        // ran the sequence, and 0 (the unlock then takes its out-of-line
-        // atomic path too) only in a fast domain without membarrier.
+        // runs the sequence, and 0 in the atomic modes (whose tickets carry
+        // the stand-in area: the unlock goes out of line anyway) and in a
+        // fast domain without membarrier (whose unlock then retries its
+        // sequence out of line, with the counters' own bound).
         let rseq = 'rseq: {
             // THE mode test: an rseq mode. (Which one: `lock_bound`.)
             if rseq.0 != 0 {
@@ -630,16 +638,38 @@ impl Counters {
         // `t.rseq` is this thread's `stand_in`: its `cpu_id` (`u32::MAX`)
         // is not below `nr_cpus` (at most `u32::MAX / 2`), so the sequence
         // writes nothing but the stand-in's `rseq_cs`. `t.nr_cpus` is the
-        // address of the field of those counters.
+        // address of a bound at most `nr_cpus` of those counters: their own
+        // `nr_cpus`, or the `lock_bound` of the handle that the guard
+        // borrows (`nr_cpus` or 0).
         if unsafe { rseq::percpu_inc::<UNLOCK_OFFSET>(t.rseq, t.words, t.nr_cpus) } {
             return;
         }
         counters().inc_unlock_slow(t.words);
     }
 
+    /// The end of a section whose sequence took its out-of-line exit: on
+    /// the rseq path, once more with these counters' own bound (a ticket
+    /// made by `read_lock` carries the handle's `lock_bound`, which is 0 in
+    /// a fast domain without membarrier, whose unlock words are still
+    /// per-CPU rseq words); else, or on a CPU beyond the slots, an atomic
+    /// add on a shared slot.
     #[cold]
     #[inline(never)]
     fn inc_unlock_slow(&self, words: *mut u64) {
+        if self.mode.is_rseq() {
+            // C: as in `inc_unlock` (the same sequence).
+            // SAFETY: in an rseq mode `self.rseq` came from `detect`, and
+            // `words` is `slots[0].lock[idx]` of these counters (the
+            // ticket was made from them), so `words + c * 128 +
+            // UNLOCK_OFFSET` for `c < nr_cpus` is `slots[c].unlock[idx]`,
+            // written only by this sequence in the rseq modes (table
+            // above).
+            if unsafe {
+                rseq::percpu_inc::<UNLOCK_OFFSET>(self.rseq, words, &raw const self.nr_cpus)
+            } {
+                return;
+            }
+        }
         let idx = self.words_idx(words);
         // C: release, paired with the acquire that fence A gives the
         // updater's relaxed sum (see barriers.rs).
