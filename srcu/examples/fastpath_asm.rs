@@ -45,7 +45,7 @@
 //!
 //! (The module docs of `srcu/src/percpu.rs` keep the same listing, with
 //! the counts before the rewrites and the callgrind counts of the atomic
-//! path: 128 instructions per fast section, 126 per classic one.)
+//! path: 127 instructions per fast section, 125 per classic one.)
 //!
 //! `cargo run --release -p srcu --example fastpath_asm -- bench [iters] [reps]`
 //! times `read_lock` + drop of both flavors, inlined into a loop (and

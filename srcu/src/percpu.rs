@@ -96,9 +96,9 @@
 //! thread the figures move with the host's phase either way (1.0-1.6x).
 //!
 //! Valgrind implements no rseq, so under callgrind the counters take the
-//! atomic path: `drop(read_lock())` there costs 128 instructions (fast)
-//! and 126 (classic) per section (120 and 118 before the handle's copy of
-//! the constants; 2 of the 8 are the call of the empty `#[cold]` function
+//! atomic path: `drop(read_lock())` there costs 127 instructions (fast)
+//! and 125 (classic) per section (120 and 118 before the handle's copy of
+//! the constants; 2 of the 7 are the call of the empty `#[cold]` function
 //! on the lock side's out-of-line path that keeps the rseq path's layout
 //! straight), most of them `thread_hint` and its
 //! modulo in `atomic_slot` (callgrind, `fastpath_asm calls 100000`,
