@@ -166,6 +166,10 @@ impl<F: Flavor> Builder<F> {
     }
 }
 
+// `read_lock`'s bound is at the handle's own address (`ReadConsts`).
+const _: () = assert!(core::mem::offset_of!(Srcu<Classic>, read) == 0);
+const _: () = assert!(core::mem::offset_of!(Srcu<Fast>, read) == 0);
+
 impl Srcu<Classic> {
     /// A classic-flavor domain with default options.
     pub fn new() -> Self {

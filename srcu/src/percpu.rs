@@ -267,6 +267,10 @@ pub(crate) struct ReadConsts {
     rseq: RseqOffset,
 }
 
+// The compare's address is the handle's own only if the bound is the
+// first word (see `Srcu`'s field order too, in `domain.rs`).
+const _: () = assert!(core::mem::offset_of!(ReadConsts, lock_bound) == 0);
+
 /// All counters of one domain.
 pub(crate) struct Counters {
     /// `srcu_idx` as the readers see it: the address of
