@@ -426,3 +426,40 @@ fn max_rate_fast() {
 fn max_rate_fast_atomic() {
     max_rate::<Fast>("fast-atomic", true);
 }
+
+/// The fast flavor without membarrier (its fallback: barrier B a full
+/// fence in `read_lock`, the end of a section retrying its sequence out of
+/// line): the torture and max-rate phases of the fast flavor again, in a
+/// child process of this test binary with `SRCU_NO_MEMBARRIER=1` (a
+/// process learns once whether it may use membarrier). A lost or
+/// misplaced count fails the child through the phases' stall hook.
+#[test]
+fn fast_without_membarrier() {
+    if std::env::var_os("SRCU_NO_MEMBARRIER").is_some() {
+        return; // this process is in the fallback already: the phases run as they are
+    }
+    let out = std::process::Command::new(std::env::current_exe().expect("the test binary"))
+        .args([
+            "--exact",
+            "torture_fast_rseq",
+            "max_rate_fast",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("SRCU_NO_MEMBARRIER", "1")
+        .output()
+        .expect("run the child");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "child failed: {}\n{stdout}\n{stderr}",
+        out.status
+    );
+    for phase in ["torture fast (FullBarrier", "max-rate fast (FullBarrier"] {
+        assert!(
+            stdout.contains(phase),
+            "no `{phase}` line: not run, or not in the fallback\n{stdout}"
+        );
+    }
+}
