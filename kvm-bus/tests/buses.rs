@@ -61,6 +61,21 @@ fn quiesce<F: Flavor>(buses: &Buses<F>) {
     }
 }
 
+/// Registers `devs` one by one (each `register_dev` retires a table) on
+/// the PIO bus, 4 ports each from `base`.
+fn register_one_by_one<F: Flavor>(
+    buses: &Buses<F>,
+    slots: &mut kvm_bus::SlotsGuard<'_>,
+    base: u64,
+    devs: &[Arc<dyn IoDevice>],
+) {
+    for (i, d) in devs.iter().enumerate() {
+        buses
+            .register_dev(slots, BusKind::Pio, r(base + 4 * i as u64, 4), d.clone())
+            .unwrap();
+    }
+}
+
 fn bus_ptr<F: Flavor>(buses: &Buses<F>, kind: BusKind) -> *const IoBus {
     let slots = buses.lock_slots();
     buses.get_bus(&slots, kind) as *const IoBus
@@ -941,16 +956,7 @@ fn retired_tables_inside_a_read_section<F: Flavor>(buses: Buses<F>) {
     let devs: Vec<Arc<dyn IoDevice>> = (0..4).map(|_| dynp(&Probe::new().0)).collect();
     let g = buses.read_lock();
     let mut slots = buses.lock_slots();
-    for (i, d) in devs.iter().enumerate() {
-        buses
-            .register_dev(
-                &mut slots,
-                BusKind::Pio,
-                r(0x60 + 4 * i as u64, 4),
-                d.clone(),
-            )
-            .unwrap();
-    }
+    register_one_by_one(&buses, &mut slots, 0x60, &devs);
     // Four tables unpublished: the first carries the trim, the others are
     // kept (none can have a completed grace period: each would wait for
     // this section).
@@ -995,16 +1001,7 @@ fn retired_tables_inside_a_read_section_fast() {
 fn retired_tables_are_freed_without_another_update<F: Flavor>(buses: Buses<F>) {
     let devs: Vec<Arc<dyn IoDevice>> = (0..100).map(|_| dynp(&Probe::new().0)).collect();
     let mut slots = buses.lock_slots();
-    for (i, d) in devs.iter().enumerate() {
-        buses
-            .register_dev(
-                &mut slots,
-                BusKind::Pio,
-                r(0x100 + 4 * i as u64, 4),
-                d.clone(),
-            )
-            .unwrap();
-    }
+    register_one_by_one(&buses, &mut slots, 0x100, &devs);
     // (Some may be freed already: a trim can run as soon as its table's
     // grace period has passed.)
     let mut rounds = 0;
