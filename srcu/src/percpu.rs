@@ -288,9 +288,11 @@ pub(crate) struct Counters {
     /// copy, [`ReadConsts::lock_bound`]).
     nr_cpus: u32,
     /// Meaningful only when `mode.is_rseq()` (then it came from `detect`).
-    /// Otherwise a placeholder that must never reach a sequence (`fs:[8]`
-    /// is glibc's `dtv`): tickets get it only through
-    /// [`Counters::ticket_rseq`] or a branch on an rseq mode.
+    /// Otherwise 0, a placeholder that must never reach a sequence
+    /// (`fs:[8]` is glibc's `dtv`): tickets get it only through
+    /// [`Counters::ticket_rseq`] or a branch on an rseq mode, and the
+    /// handle's copy ([`ReadConsts`]) is that branch: its 0 is the atomic
+    /// modes' mark.
     rseq: RseqOffset,
     /// The domain's slot in `held.rs`, handed to each guard in its ticket
     /// (fixed while the handle lives; see `Inner::held_slot`).
@@ -352,11 +354,8 @@ impl Counters {
                 0
             },
             held_slot: self.held_slot,
-            rseq: if self.mode.is_rseq() {
-                self.rseq
-            } else {
-                RseqOffset(0)
-            },
+            // 0 in the atomic modes (`with_cpus`).
+            rseq: self.rseq,
         }
     }
 
