@@ -184,6 +184,30 @@ impl Drop for CrossbeamEpoch {
     }
 }
 
+/// `(ref)` srcu fast's section without its per-thread section tracking
+/// (`srcu::__private::untracked_section`): between the floor and the real
+/// section, it shows what the tracking (two thread-local increments, for
+/// the exact self-deadlock check and `Srcu::in_read_section`) costs, and
+/// what the rest of `read_lock` (index load, mode test) does.
+#[repr(transparent)]
+pub struct UntrackedFastPeer(SrcuPeer<Fast>);
+
+impl ReadPeer for UntrackedFastPeer {
+    const KEY: &'static str = "srcu_fast_untracked";
+    const LABEL: &'static str = "(ref) srcu fast without section tracking";
+    #[inline]
+    fn lock_unlock(&self) {
+        srcu::__private::untracked_section(self.0.srcu());
+    }
+    #[inline]
+    fn lock_deref_unlock(&self) -> u64 {
+        // No guard to dereference with: the section around a load, as the
+        // floor's.
+        srcu::__private::untracked_section(self.0.srcu());
+        black_box(42)
+    }
+}
+
 /// `arc_swap::ArcSwap<u64>::load`.
 pub struct ArcSwapPeer(arc_swap::ArcSwap<u64>);
 
@@ -223,13 +247,15 @@ impl ReadPeer for LockedAddPair {
 
 /// Hands every peer to `v`, srcu classic first (the baseline of ratios).
 /// The rseq floor ([`RseqPairFloor`]) comes right after srcu fast, when the
-/// C library registers rseq for its threads.
+/// C library registers rseq for its threads, then srcu fast without its
+/// section tracking ([`UntrackedFastPeer`]).
 pub fn for_each_peer(v: &mut impl ReadVisitor) {
     v.visit(&SrcuPeer::<Classic>::new());
     v.visit(&SrcuPeer::<Fast>::new());
     if let Some(floor) = RseqPairFloor::new() {
         v.visit(&floor);
     }
+    v.visit(&UntrackedFastPeer(SrcuPeer::new()));
     v.visit(&ParkingLotRwLock(parking_lot::RwLock::new(42)));
     v.visit(&StdRwLock(std::sync::RwLock::new(42)));
     v.visit(&ParkingLotMutex(parking_lot::Mutex::new(42)));

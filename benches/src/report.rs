@@ -373,7 +373,7 @@ fn run_read(cfg: &Config, rep: &mut Report) {
                     &stats,
                     Some(base),
                 );
-                if threads == 1 && *key == "srcu_fast" {
+                if threads == 1 && matches!(*key, "srcu_fast" | "srcu_fast_untracked") {
                     // The fast section against its floor, round by round:
                     // each round times the two one after the other, so
                     // a round's ratio is free of the minute-scale changes

@@ -67,6 +67,15 @@
 //! the floor, until the read-side constants moved into the handle
 //! (`srcu/src/percpu.rs`, "The read fast path").
 //!
+//! `... -- parts [iters] [reps]` splits the section's time above the
+//! floor: the floor, the fast and classic sections without their
+//! per-thread tracking (`srcu::__private::untracked_section`) and with it,
+//! in rotation, minima over `reps` batches, each loop passing its
+//! reference through `black_box` every iteration so that the domain's
+//! fields are loaded in every section (the figures are in
+//! `srcu/src/percpu.rs`, "The read fast path"). `bench` also prints the
+//! untracked fast section, with the hoisted loads of the loops above.
+//!
 //! `fastpath_asm calls [n]` calls each section function `n` times (for
 //! `valgrind --tool=callgrind`, which has no rseq: the atomic path).
 use srcu::{Classic, Fast, Flavor, Srcu};
@@ -88,6 +97,15 @@ pub fn classic_section(s: &Srcu<Classic>) {
 fn section_loop<F: Flavor>(s: &Srcu<F>, n: u64) {
     for _ in 0..n {
         drop(s.read_lock());
+    }
+}
+
+/// `n` sections without the per-thread section tracking
+/// (`srcu::__private::untracked_section`): what the tracking costs.
+#[inline(never)]
+fn untracked_loop<F: Flavor>(s: &Srcu<F>, n: u64) {
+    for _ in 0..n {
+        srcu::__private::untracked_section(s);
     }
 }
 
@@ -159,6 +177,7 @@ fn bench(iters: u64, reps: usize) {
         c.counter_path()
     );
     let (mut fast, mut classic, mut floor) = (f64::MAX, f64::MAX, f64::MAX);
+    let mut untracked = f64::MAX;
     let (mut fast_call, mut classic_call) = (f64::MAX, f64::MAX);
     let verbose = std::env::var_os("VERBOSE").is_some();
     let pair = srcu::__private::RseqPairFloor::new();
@@ -177,6 +196,7 @@ fn bench(iters: u64, reps: usize) {
         if verbose {
             println!("  floor {a:.3} fast {b:.3} classic {d:.3}");
         }
+        untracked = untracked.min(ns_per(iters, || untracked_loop(&f, iters)));
         floor = floor.min(a);
         fast = fast.min(b);
         classic = classic.min(d);
@@ -191,8 +211,61 @@ fn bench(iters: u64, reps: usize) {
         "min over {reps} x {iters}: floor {floor:.3} ns, fast {fast:.3} ns ({:.2}x floor), classic {classic:.3} ns",
         fast / floor
     );
+    println!(
+        "  fast without section tracking: {untracked:.3} ns ({:.2}x floor)",
+        untracked / floor
+    );
     println!("  with an opaque call inside: fast {fast_call:.3} ns, classic {classic_call:.3} ns");
     assert_eq!(f.readers() + c.readers(), 0);
+}
+
+/// `parts`: where a section's time goes above its floor. Every loop
+/// passes its reference through `black_box` each iteration, so the
+/// compiler loads the domain's fields in every section, as a real caller
+/// that enters one section per VM exit does (and as `bench-report`'s loops
+/// do), instead of hoisting them out of the loop; the loops run in
+/// rotation and each figure is the minimum over `reps` batches.
+fn parts(iters: u64, reps: usize) {
+    let Some(pair) = srcu::__private::RseqPairFloor::new() else {
+        println!("no rseq registration: no floor");
+        return;
+    };
+    let f = Srcu::new_fast();
+    let c = Srcu::new();
+    #[inline(never)]
+    fn run(n: u64, section: impl Fn()) -> f64 {
+        ns_per(n, || {
+            for _ in 0..n {
+                section();
+            }
+        })
+    }
+    let rows: [(&str, &dyn Fn() -> f64); 5] = [
+        ("floor: two bare rseq adds", &|| {
+            run(iters, || black_box(&pair).pair())
+        }),
+        ("fast, no tracking", &|| {
+            run(iters, || srcu::__private::untracked_section(black_box(&f)))
+        }),
+        ("fast: read_lock + drop", &|| {
+            run(iters, || drop(black_box(&f).read_lock()))
+        }),
+        ("classic, no tracking", &|| {
+            run(iters, || srcu::__private::untracked_section(black_box(&c)))
+        }),
+        ("classic: read_lock + drop", &|| {
+            run(iters, || drop(black_box(&c).read_lock()))
+        }),
+    ];
+    let mut best = [f64::MAX; 5];
+    for _ in 0..reps {
+        for (b, (_, time)) in best.iter_mut().zip(&rows) {
+            *b = b.min(time());
+        }
+    }
+    for (b, (name, _)) in best.iter().zip(&rows) {
+        println!("{name:28} {b:.3} ns  {:.2}x floor", b / best[0]);
+    }
 }
 
 fn main() {
@@ -201,6 +274,12 @@ fn main() {
         let iters = args.get(2).map_or(10_000_000, |a| a.parse().unwrap());
         let reps = args.get(3).map_or(20, |a| a.parse().unwrap());
         bench2(iters, reps);
+        return;
+    }
+    if args.get(1).map(String::as_str) == Some("parts") {
+        let iters = args.get(2).map_or(2_000_000, |a| a.parse().unwrap());
+        let reps = args.get(3).map_or(30, |a| a.parse().unwrap());
+        parts(iters, reps);
         return;
     }
     if args.get(1).map(String::as_str) == Some("bench") {

@@ -218,16 +218,21 @@ impl<F: Flavor> Srcu<F> {
     /// must also be ordered after plain accesses that came before it.
     #[inline]
     pub fn read_lock(&self) -> ReadGuard<'_, F> {
+        ReadGuard::new(self, self.read_lock_ticket())
+    }
+
+    /// `read_lock`'s counter update, without the section tracking that
+    /// [`ReadGuard::new`] adds.
+    #[inline(always)]
+    pub(crate) fn read_lock_ticket(&self) -> ReadTicket {
         // The index (its counter words, relaxed: pairs with barriers D and
         // E around the flip; a reader that reads a stale index is covered
         // by the grace period's first scan), one test of the domain's read
         // mode, then the counter update; the fast flavor's bound also
         // covers "membarrier unavailable" (`ReadConsts`).
-        let ticket = self
-            .inner
+        self.inner
             .counters
-            .inc_lock(&self.read, F::FAST, || &self.inner.counters);
-        ReadGuard::new(self, ticket)
+            .inc_lock(&self.read, F::FAST, || &self.inner.counters)
     }
 
     /// Leaves a read section with the ticket its `read_lock` returned (the

@@ -95,6 +95,25 @@
 //! 1.53, 1.82, 1.61x the floor before, 1.27, 1.31, 1.35x after; at one
 //! thread the figures move with the host's phase either way (1.0-1.6x).
 //!
+//! Where the time goes depends on the core. `fastpath_asm parts` times
+//! the floor, the section without its tracking
+//! (`__private::untracked_section`) and the real section in rotation, each
+//! loop reloading the domain's fields every iteration as a caller with one
+//! section per VM exit does (minimum of 30 batches). On a 2-vCPU AMD EPYC
+//! (Zen 3) guest, three runs: the floor 1.76-1.81 ns; fast without tracking
+//! 1.12-1.15x the floor (the index load and the mode test); fast 1.44-1.47x;
+//! classic without tracking 1.19-1.20x; classic 1.36-1.39x. There each
+//! store a section adds costs about 0.3 ns, whatever it stores (the
+//! tracking's two increments cost the same as two plain stores to the
+//! same words), so the tracking's two stores add 0.3x the floor to the
+//! fast section, which already stores four times (two `rseq_cs` arms, two
+//! commits), and less to classic's, whose locked add costs there about
+//! what fast's lock-side sequence does: on that core the classic section
+//! is no slower than the fast one. Exact tracking needs a store on each
+//! side (guards may be dropped in any order, so neither side can restore
+//! a value the other saved); it stays, for the self-deadlock check and
+//! [`crate::Srcu::in_read_section`].
+//!
 //! Valgrind implements no rseq, so under callgrind the counters take the
 //! atomic path: `drop(read_lock())` there costs 127 instructions (fast)
 //! and 125 (classic) per section (120 and 118 before the handle's copy of

@@ -124,3 +124,31 @@ fn sections_in_thread_local_destructors() {
     assert_eq!(atomic_domain().readers(), 0);
     assert_eq!(rseq_domain().readers(), 0);
 }
+
+/// The benchmark's reference section without tracking
+/// (`__private::untracked_section`) counts like a real one on every path
+/// (balanced, nothing left for a grace period to wait for), inside a real
+/// section too, and leaves the thread's tracking alone.
+#[test]
+fn untracked_sections_balance_and_leave_tracking_alone() {
+    fn check<F: Flavor>(srcu: &Srcu<F>) {
+        for _ in 0..10_000 {
+            srcu::__private::untracked_section(srcu);
+        }
+        assert!(!srcu.in_read_section());
+        let g = srcu.read_lock();
+        srcu::__private::untracked_section(srcu);
+        assert!(srcu.in_read_section());
+        assert_eq!(srcu.readers(), 1);
+        drop(g);
+        assert!(!srcu.in_read_section());
+        srcu.synchronize();
+        assert_eq!(srcu.readers(), 0);
+        assert!(srcu::__private::balanced(srcu));
+    }
+    check(&Srcu::<Fast>::builder().build());
+    check(&Srcu::<Classic>::builder().build());
+    check(&Srcu::<Fast>::builder().force_atomic_counters(true).build());
+    check(&Srcu::<Classic>::builder().force_atomic_counters(true).build());
+    check(&Srcu::<Fast>::builder().cpu_slots(1).build());
+}
