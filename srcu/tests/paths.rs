@@ -149,6 +149,10 @@ fn untracked_sections_balance_and_leave_tracking_alone() {
     check(&Srcu::<Fast>::builder().build());
     check(&Srcu::<Classic>::builder().build());
     check(&Srcu::<Fast>::builder().force_atomic_counters(true).build());
-    check(&Srcu::<Classic>::builder().force_atomic_counters(true).build());
+    check(
+        &Srcu::<Classic>::builder()
+            .force_atomic_counters(true)
+            .build(),
+    );
     check(&Srcu::<Fast>::builder().cpu_slots(1).build());
 }
