@@ -1621,6 +1621,36 @@ pub fn evaluate(rep: &Report, t: &Target) -> Option<(bool, f64)> {
     Some((if t.at_least { v >= bound } else { v <= bound }, v))
 }
 
+/// The best ratio a target comparing the fast flavor can reach on this
+/// host, from the physical floors measured in the same run, and what it is
+/// made of: a fast read section costs at least its floor (two bare rseq
+/// adds), and a fast dispatch at least the same table dispatched with no
+/// synchronisation plus that floor. `None` for the other targets. A
+/// target whose bound is above its factor is out of reach of any fast
+/// read side on this host, whatever the implementation.
+pub fn floor_bound(rep: &Report, t: &Target) -> Option<(f64, &'static str)> {
+    if t.at_least {
+        return None;
+    }
+    let rhs_key = t.rhs?;
+    let rhs = rep.get(rhs_key).filter(|v| v.is_finite() && *v > 0.0)?;
+    let sfx = if t.lhs.ends_with("_2t_ns") { "_2t" } else { "" };
+    let floor_key = format!("read_rseq_pair_floor{sfx}_ns");
+    let floor = rep.get(&floor_key).filter(|v| v.is_finite())?;
+    if t.lhs == format!("read_srcu_fast{sfx}_ns") && rhs_key != floor_key {
+        return Some((floor / rhs, "the floor alone"));
+    }
+    let n = t
+        .lhs
+        .strip_prefix("dispatch")?
+        .strip_suffix(&format!("_srcu_fast{sfx}_ns"))?;
+    if rhs_key == format!("dispatch{n}_srcu{sfx}_ns") {
+        let table = rep.get(&format!("dispatch{n}_bare_table{sfx}_ns"))?;
+        return Some(((table + floor) / rhs, "the table alone + the floor"));
+    }
+    None
+}
+
 impl Report {
     /// The markdown table and the targets.
     pub fn markdown(&self) -> String {
@@ -1697,8 +1727,15 @@ impl Report {
                  flavor's ratios to classic and to its floor rise).\n"
             );
         }
-        let _ = writeln!(s, "| target | measured | result |");
-        let _ = writeln!(s, "|---|---:|---|");
+        let _ = writeln!(
+            s,
+            "\"Best here\": for a target on the fast flavor, the ratio a fast read side \
+             at its physical floor would reach in this run (a section at the floor, two bare \
+             rseq adds; a dispatch at the table alone plus the floor); above the factor, no \
+             implementation can meet the target on this host.\n"
+        );
+        let _ = writeln!(s, "| target | measured | result | best here |");
+        let _ = writeln!(s, "|---|---:|---|---|");
         for t in TARGETS {
             let op = if t.at_least { ">=" } else { "<=" };
             let text = match t.rhs {
@@ -1720,7 +1757,11 @@ impl Report {
                      threads on a CPU)",
                 ),
             };
-            let _ = writeln!(s, "| {text} | {m} | {res} |");
+            let best = floor_bound(self, t).map_or(String::new(), |(b, what)| {
+                let reach = if b > t.factor { ": out of reach" } else { "" };
+                format!("{b:.3} x ({what}{reach})")
+            });
+            let _ = writeln!(s, "| {text} | {m} | {res} | {best} |");
         }
         s
     }
@@ -1749,6 +1790,71 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The "best here" bound of the targets on the fast flavor: the floor
+    /// over the peer for a read section, the table alone plus the floor
+    /// over classic for a dispatch, nothing for the other targets.
+    #[test]
+    fn floor_bound_of_the_fast_targets() {
+        let mut rep = Report::default();
+        for (k, v) in [
+            ("read_rseq_pair_floor_ns", 2.0),
+            ("read_crossbeam_epoch_ns", 5.0),
+            ("read_srcu_ns", 4.0),
+            ("read_srcu_fast_ns", 2.6),
+            ("read_rseq_pair_floor_2t_ns", 3.0),
+            ("read_crossbeam_epoch_2t_ns", 12.0),
+            ("dispatch1_bare_table_ns", 9.0),
+            ("dispatch1_srcu_ns", 13.0),
+            ("dispatch1_srcu_fast_ns", 13.5),
+        ] {
+            rep.values.insert(k.into(), v);
+        }
+        fn bound(
+            rep: &Report,
+            lhs: &'static str,
+            rhs: &'static str,
+            factor: f64,
+        ) -> Option<(f64, &'static str)> {
+            floor_bound(rep, &le(lhs, rhs, factor))
+        }
+        let pin = bound(&rep, "read_srcu_fast_ns", "read_crossbeam_epoch_ns", 0.3).unwrap();
+        assert_eq!(pin, (0.4, "the floor alone"));
+        let pin2 = bound(
+            &rep,
+            "read_srcu_fast_2t_ns",
+            "read_crossbeam_epoch_2t_ns",
+            0.3,
+        )
+        .unwrap();
+        assert_eq!(pin2.0, 0.25);
+        assert_eq!(
+            bound(&rep, "read_srcu_fast_ns", "read_srcu_ns", 0.4)
+                .unwrap()
+                .0,
+            0.5
+        );
+        let d = bound(&rep, "dispatch1_srcu_fast_ns", "dispatch1_srcu_ns", 0.75).unwrap();
+        assert_eq!(d, (11.0 / 13.0, "the table alone + the floor"));
+        // Against the floor itself, or for classic, or another peer: none.
+        assert!(bound(&rep, "read_srcu_fast_ns", "read_rseq_pair_floor_ns", 1.3).is_none());
+        assert!(bound(&rep, "read_srcu_ns", "read_crossbeam_epoch_ns", 0.6).is_none());
+        assert!(bound(
+            &rep,
+            "dispatch1_srcu_fast_ns",
+            "dispatch1_rwlock_btreemap_ns",
+            0.7
+        )
+        .is_none());
+        // Without the floor (no rseq) there is no bound.
+        rep.values.remove("read_rseq_pair_floor_ns");
+        assert!(bound(&rep, "read_srcu_fast_ns", "read_crossbeam_epoch_ns", 0.3).is_none());
+        // The markdown marks a bound above the factor as out of reach.
+        rep.values.insert("read_rseq_pair_floor_ns".into(), 2.0);
+        assert!(rep
+            .markdown()
+            .contains("0.400 x (the floor alone: out of reach)"));
+    }
 
     /// Every measurement once, at a tiny size, so nothing rots.
     #[test]
