@@ -73,8 +73,7 @@
 //! in rotation, minima over `reps` batches, each loop passing its
 //! reference through `black_box` every iteration so that the domain's
 //! fields are loaded in every section (the figures are in
-//! `srcu/src/percpu.rs`, "The read fast path"). `bench` also prints the
-//! untracked fast section, with the hoisted loads of the loops above.
+//! `srcu/src/percpu.rs`, "The read fast path").
 //!
 //! `fastpath_asm calls [n]` calls each section function `n` times (for
 //! `valgrind --tool=callgrind`, which has no rseq: the atomic path).
@@ -97,15 +96,6 @@ pub fn classic_section(s: &Srcu<Classic>) {
 fn section_loop<F: Flavor>(s: &Srcu<F>, n: u64) {
     for _ in 0..n {
         drop(s.read_lock());
-    }
-}
-
-/// `n` sections without the per-thread section tracking
-/// (`srcu::__private::untracked_section`): what the tracking costs.
-#[inline(never)]
-fn untracked_loop<F: Flavor>(s: &Srcu<F>, n: u64) {
-    for _ in 0..n {
-        srcu::__private::untracked_section(s);
     }
 }
 
@@ -177,7 +167,6 @@ fn bench(iters: u64, reps: usize) {
         c.counter_path()
     );
     let (mut fast, mut classic, mut floor) = (f64::MAX, f64::MAX, f64::MAX);
-    let mut untracked = f64::MAX;
     let (mut fast_call, mut classic_call) = (f64::MAX, f64::MAX);
     let verbose = std::env::var_os("VERBOSE").is_some();
     let pair = srcu::__private::RseqPairFloor::new();
@@ -196,7 +185,6 @@ fn bench(iters: u64, reps: usize) {
         if verbose {
             println!("  floor {a:.3} fast {b:.3} classic {d:.3}");
         }
-        untracked = untracked.min(ns_per(iters, || untracked_loop(&f, iters)));
         floor = floor.min(a);
         fast = fast.min(b);
         classic = classic.min(d);
@@ -210,10 +198,6 @@ fn bench(iters: u64, reps: usize) {
     println!(
         "min over {reps} x {iters}: floor {floor:.3} ns, fast {fast:.3} ns ({:.2}x floor), classic {classic:.3} ns",
         fast / floor
-    );
-    println!(
-        "  fast without section tracking: {untracked:.3} ns ({:.2}x floor)",
-        untracked / floor
     );
     println!("  with an opaque call inside: fast {fast_call:.3} ns, classic {classic_call:.3} ns");
     assert_eq!(f.readers() + c.readers(), 0);

@@ -222,7 +222,11 @@ impl<F: Flavor> Srcu<F> {
     }
 
     /// `read_lock`'s counter update, without the section tracking that
-    /// [`ReadGuard::new`] adds.
+    /// [`ReadGuard::new`] adds. The ticket points into this handle and
+    /// into its counters: it must end its section through
+    /// [`read_unlock`](Srcu::read_unlock) of this handle, on this thread,
+    /// while this borrow lasts (a [`ReadGuard`] does all three; so does
+    /// `__private::untracked_section`), or the section never ends.
     #[inline(always)]
     pub(crate) fn read_lock_ticket(&self) -> ReadTicket {
         // The index (its counter words, relaxed: pairs with barriers D and

@@ -126,6 +126,12 @@ pub mod __private {
         srcu.read_unlock(srcu.read_lock_ticket());
     }
 
+    /// Sections of `srcu` begun so far, summed over every counter slot and
+    /// both indices (wrapping; exact when no section is being entered).
+    pub fn sections_begun<F: Flavor>(srcu: &Srcu<F>) -> usize {
+        srcu.inner.counters.locks_total()
+    }
+
     /// The index new readers use now.
     pub fn current_index<F: Flavor>(srcu: &Srcu<F>) -> usize {
         srcu.inner.counters.current_idx()

@@ -267,7 +267,8 @@ impl ReadMode {
 /// (below), which the fast path loads anyway, so that its one test of the
 /// mode is a test of a register. Every [`ReadTicket`] made by `read_lock`
 /// points at the handle's `lock_bound`; the guard that carries it borrows
-/// the handle. `lock_bound` comes first, and these constants first in the
+/// the handle (and `__private::untracked_section` ends its ticket's
+/// section within the same borrow). `lock_bound` comes first, and these constants first in the
 /// handle (both `repr(C)`), so that the address the sequence's compare
 /// reads is the handle's own: no instruction computes it.
 #[derive(Clone, Copy, Debug)]
@@ -651,7 +652,8 @@ impl Counters {
         // C: the asm is a compiler barrier and x86_64 stores are releases
         // (classic); in the fast flavor membarrier in A/D is the partner.
         // SAFETY: `t` was made from the counters `counters` returns (the
-        // guard keeps them together), which outlive it, on this thread
+        // guard, or `__private::untracked_section` within one borrow of
+        // the handle, keeps them together), which outlive it, on this thread
         // (`ReadTicket`). Either the mode is rseq
         // and `t.rseq` came from `detect`: then `t.words + c * 128 +
         // UNLOCK_OFFSET` for `c < nr_cpus` is `slots[c].unlock[idx]`, and
@@ -732,6 +734,13 @@ impl Counters {
         let unlocks = self.sum(|s| &s.unlock[idx]);
         let locks = self.sum(|s| &s.lock[idx]);
         locks == unlocks
+    }
+
+    /// Sections begun so far on both indices (the lock words' sum,
+    /// wrapping; for tests).
+    pub(crate) fn locks_total(&self) -> usize {
+        self.sum(|s| &s.lock[0])
+            .wrapping_add(self.sum(|s| &s.lock[1]))
     }
 
     /// Readers inside sections of `idx`, approximately (for stall reports).

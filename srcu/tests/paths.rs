@@ -126,15 +126,22 @@ fn sections_in_thread_local_destructors() {
 }
 
 /// The benchmark's reference section without tracking
-/// (`__private::untracked_section`) counts like a real one on every path
-/// (balanced, nothing left for a grace period to wait for), inside a real
-/// section too, and leaves the thread's tracking alone.
+/// (`__private::untracked_section`) counts like a real one on every path:
+/// each one begins exactly one section and ends it (balanced, nothing left
+/// for a grace period to wait for), inside a real section too, and leaves
+/// the thread's tracking alone. The fast domain is in its fallback mode
+/// (no membarrier) in the child that `untracked_sections_without_membarrier`
+/// runs.
 #[test]
 fn untracked_sections_balance_and_leave_tracking_alone() {
     fn check<F: Flavor>(srcu: &Srcu<F>) {
-        for _ in 0..10_000 {
+        const N: usize = 10_000;
+        let begun = srcu::__private::sections_begun(srcu);
+        for _ in 0..N {
             srcu::__private::untracked_section(srcu);
         }
+        assert_eq!(srcu::__private::sections_begun(srcu).wrapping_sub(begun), N);
+        assert_eq!(srcu.readers(), 0);
         assert!(!srcu.in_read_section());
         let g = srcu.read_lock();
         srcu::__private::untracked_section(srcu);
@@ -142,11 +149,21 @@ fn untracked_sections_balance_and_leave_tracking_alone() {
         assert_eq!(srcu.readers(), 1);
         drop(g);
         assert!(!srcu.in_read_section());
+        assert_eq!(
+            srcu::__private::sections_begun(srcu).wrapping_sub(begun),
+            N + 2
+        );
         srcu.synchronize();
         assert_eq!(srcu.readers(), 0);
-        assert!(srcu::__private::balanced(srcu));
     }
-    check(&Srcu::<Fast>::builder().build());
+    let fast = Srcu::<Fast>::builder().build();
+    let fallback = std::env::var_os("SRCU_NO_MEMBARRIER").is_some();
+    assert_eq!(
+        fast.reader_mode() == srcu::ReaderMode::FullBarrier,
+        fallback,
+        "the fast domain's mode follows SRCU_NO_MEMBARRIER"
+    );
+    check(&fast);
     check(&Srcu::<Classic>::builder().build());
     check(&Srcu::<Fast>::builder().force_atomic_counters(true).build());
     check(
@@ -155,4 +172,37 @@ fn untracked_sections_balance_and_leave_tracking_alone() {
             .build(),
     );
     check(&Srcu::<Fast>::builder().cpu_slots(1).build());
+    if fallback {
+        println!("untracked sections checked in FullBarrier mode");
+    }
+}
+
+/// The test above again in a child process of this test binary with
+/// `SRCU_NO_MEMBARRIER=1`, where a fast domain ends each section by
+/// retrying its sequence out of line.
+#[test]
+fn untracked_sections_without_membarrier() {
+    if std::env::var_os("SRCU_NO_MEMBARRIER").is_some() {
+        return; // this process is the child already
+    }
+    let out = std::process::Command::new(std::env::current_exe().expect("the test binary"))
+        .args([
+            "--exact",
+            "untracked_sections_balance_and_leave_tracking_alone",
+            "--nocapture",
+        ])
+        .env("SRCU_NO_MEMBARRIER", "1")
+        .output()
+        .expect("run the child");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "child failed: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("untracked sections checked in FullBarrier mode"),
+        "the child did not run in the fallback\n{stdout}"
+    );
 }
