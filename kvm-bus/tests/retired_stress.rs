@@ -110,11 +110,17 @@ fn run<F: Flavor>(buses: Buses<F>) {
             }
         }));
     }
-    let deadline = Instant::now() + run_for;
+    let t0 = Instant::now();
     let mut rnd = rng(7);
     let mut registered: Vec<(BusKind, IoRange, Arc<dyn IoDevice>)> = Vec::new();
     let (mut updates, mut most_kept) = (0u64, 0);
-    while Instant::now() < deadline {
+    // `run_for` at least, and on a slow host (valgrind runs one thread at
+    // a time) longer, up to 60 s, until both sides have made the progress
+    // the checks below require.
+    while t0.elapsed() < run_for
+        || ((updates <= 100 || checks.load(Relaxed) <= 100)
+            && t0.elapsed() < Duration::from_secs(60))
+    {
         let mut slots = buses.lock_slots();
         let kind = [BusKind::Mmio, BusKind::Pio][rnd(2) as usize];
         let op = rnd(100);

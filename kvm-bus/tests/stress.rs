@@ -235,7 +235,15 @@ fn stress<F: Flavor>(buses: Buses<F>) {
         }
         start.wait();
         let t0 = Instant::now();
-        while t0.elapsed() < RUN {
+        // RUN at least, and on a slow host (valgrind runs one thread at a
+        // time) longer, up to 60 s, until every side has made the progress
+        // the checks below require.
+        let progressed = || {
+            sh.stats.registrations.load(Relaxed) > 10
+                && sh.stats.deliveries.load(Relaxed) > 100
+                && sh.stats.observation_checks.load(Relaxed) > 100
+        };
+        while t0.elapsed() < RUN || (!progressed() && t0.elapsed() < Duration::from_secs(60)) {
             std::thread::yield_now();
         }
         sh.stop.store(true, Relaxed);
