@@ -9,6 +9,8 @@
 //! path: the counters balance and no reader is left.
 #![cfg(all(unix, not(loom)))]
 
+mod common;
+
 use srcu::{Classic, Fast, Flavor, Srcu};
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::OnceLock;
@@ -182,27 +184,8 @@ fn untracked_sections_balance_and_leave_tracking_alone() {
 /// retrying its sequence out of line.
 #[test]
 fn untracked_sections_without_membarrier() {
-    if std::env::var_os("SRCU_NO_MEMBARRIER").is_some() {
-        return; // this process is the child already
-    }
-    let out = std::process::Command::new(std::env::current_exe().expect("the test binary"))
-        .args([
-            "--exact",
-            "untracked_sections_balance_and_leave_tracking_alone",
-            "--nocapture",
-        ])
-        .env("SRCU_NO_MEMBARRIER", "1")
-        .output()
-        .expect("run the child");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "child failed: {}\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        stdout.contains("untracked sections checked in FullBarrier mode"),
-        "the child did not run in the fallback\n{stdout}"
+    common::rerun_without_membarrier(
+        &["untracked_sections_balance_and_leave_tracking_alone"],
+        &["untracked sections checked in FullBarrier mode"],
     );
 }

@@ -21,6 +21,8 @@
 //! split over the four; CI runs the default).
 #![cfg(not(loom))]
 
+mod common;
+
 use srcu::{Classic, Fast, Flavor, Srcu, SrcuCell, UpdateLock};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
 use std::sync::mpsc;
@@ -441,31 +443,8 @@ fn max_rate_fast_atomic() {
 /// misplaced count fails the child through the phases' stall hook.
 #[test]
 fn fast_without_membarrier() {
-    if std::env::var_os("SRCU_NO_MEMBARRIER").is_some() {
-        return; // this process is in the fallback already: the phases run as they are
-    }
-    let out = std::process::Command::new(std::env::current_exe().expect("the test binary"))
-        .args([
-            "--exact",
-            "torture_fast_rseq",
-            "max_rate_fast",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("SRCU_NO_MEMBARRIER", "1")
-        .output()
-        .expect("run the child");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "child failed: {}\n{stdout}\n{stderr}",
-        out.status
+    common::rerun_without_membarrier(
+        &["torture_fast_rseq", "max_rate_fast"],
+        &["torture fast (FullBarrier", "max-rate fast (FullBarrier"],
     );
-    for phase in ["torture fast (FullBarrier", "max-rate fast (FullBarrier"] {
-        assert!(
-            stdout.contains(phase),
-            "no `{phase}` line: not run, or not in the fallback\n{stdout}"
-        );
-    }
 }
