@@ -18,6 +18,9 @@ use std::time::{Duration, Instant};
 
 const TAG: u8 = 0xa5;
 
+/// Updates made and reader checks done that a run must exceed.
+const MIN_PROGRESS: u64 = 100;
+
 /// Reads back its tag until dropped.
 struct Tagged {
     tag: AtomicU8,
@@ -118,7 +121,7 @@ fn run<F: Flavor>(buses: Buses<F>) {
     // a time) longer, up to 60 s, until both sides have made the progress
     // the checks below require.
     while t0.elapsed() < run_for
-        || ((updates <= 100 || checks.load(Relaxed) <= 100)
+        || ((updates <= MIN_PROGRESS || checks.load(Relaxed) <= MIN_PROGRESS)
             && t0.elapsed() < Duration::from_secs(60))
     {
         let mut slots = buses.lock_slots();
@@ -171,7 +174,7 @@ fn run<F: Flavor>(buses: Buses<F>) {
         F::NAME
     );
     assert!(
-        updates > 100 && checks > 100,
+        updates > MIN_PROGRESS && checks > MIN_PROGRESS,
         "{updates} updates, {checks} checks"
     );
     assert!(most_kept > 0, "retired tables were kept");

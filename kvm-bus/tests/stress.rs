@@ -43,6 +43,20 @@ struct Counters {
     unregistrations: AtomicU64,
 }
 
+/// The progress a run must show: registrations, and deliveries and
+/// observation checks by the readers.
+const MIN_REGISTRATIONS: u64 = 10;
+const MIN_READS: u64 = 100;
+
+impl Counters {
+    /// Every side has made the progress the checks require.
+    fn progressed(&self) -> bool {
+        self.registrations.load(Relaxed) > MIN_REGISTRATIONS
+            && self.deliveries.load(Relaxed) > MIN_READS
+            && self.observation_checks.load(Relaxed) > MIN_READS
+    }
+}
+
 struct Dev {
     generation: u64,
     removed: AtomicBool,
@@ -238,12 +252,9 @@ fn stress<F: Flavor>(buses: Buses<F>) {
         // RUN at least, and on a slow host (valgrind runs one thread at a
         // time) longer, up to 60 s, until every side has made the progress
         // the checks below require.
-        let progressed = || {
-            sh.stats.registrations.load(Relaxed) > 10
-                && sh.stats.deliveries.load(Relaxed) > 100
-                && sh.stats.observation_checks.load(Relaxed) > 100
-        };
-        while t0.elapsed() < RUN || (!progressed() && t0.elapsed() < Duration::from_secs(60)) {
+        while t0.elapsed() < RUN
+            || (!sh.stats.progressed() && t0.elapsed() < Duration::from_secs(60))
+        {
             std::thread::yield_now();
         }
         sh.stop.store(true, Relaxed);
@@ -265,14 +276,14 @@ fn stress<F: Flavor>(buses: Buses<F>) {
     assert_eq!(a, 0, "accesses delivered after unregister returned");
     assert_eq!(b, 0, "registrations observed but not seen by get_bus_srcu");
     assert!(
-        st.registrations.load(Relaxed) > 10,
+        st.registrations.load(Relaxed) > MIN_REGISTRATIONS,
         "updaters made no progress"
     );
     assert!(
-        st.deliveries.load(Relaxed) > 100,
+        st.deliveries.load(Relaxed) > MIN_READS,
         "readers made no progress"
     );
-    assert!(st.observation_checks.load(Relaxed) > 100);
+    assert!(st.observation_checks.load(Relaxed) > MIN_READS);
     let slots = sh.buses.lock_slots();
     assert!(sh.buses.get_bus(&slots, KIND).is_empty());
 }
