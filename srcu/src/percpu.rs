@@ -268,9 +268,10 @@ impl ReadMode {
 /// mode is a test of a register. Every [`ReadTicket`] made by `read_lock`
 /// points at the handle's `lock_bound`; the guard that carries it borrows
 /// the handle (and `__private::untracked_section` ends its ticket's
-/// section within the same borrow). `lock_bound` comes first, and these constants first in the
-/// handle (both `repr(C)`), so that the address the sequence's compare
-/// reads is the handle's own: no instruction computes it.
+/// section within the same borrow). `lock_bound` comes first, and these
+/// constants first in the handle (both `repr(C)`), so that the address the
+/// sequence's compare reads is the handle's own: no instruction computes
+/// it.
 #[derive(Clone, Copy, Debug)]
 #[repr(C)]
 pub(crate) struct ReadConsts {
