@@ -822,11 +822,9 @@ impl<F: Flavor> Buses<F> {
         // move a BAR, or to start an eject) while this waits for that very
         // handler's read section. Sound because `slots` is borrowed
         // mutably: no reference obtained under it is alive.
-        slots.guard.unlocked(|| removal.wait())?;
-        // The grace period just waited for covers every table retired
-        // before the unpublish: free them now, on this thread.
-        self.retired.reclaim_all();
-        Ok(())
+        // (`wait` then frees every retired table its grace period covered,
+        // on this thread.)
+        slots.guard.unlocked(|| removal.wait())
     }
 
     /// Unregisters the one entry of `dev` at exactly `range`, leaving the
@@ -981,6 +979,19 @@ impl<F: Flavor> Buses<F> {
     /// (`retired.rs`): no wait here. First frees a few older retired tables
     /// whose grace period has completed meanwhile.
     fn publish(&self, slots: &mut SlotsGuard<'_>, kind: BusKind, new_bus: IoBus) {
+        let (old, bytes) = self.unpublish_for(slots, kind, new_bus);
+        self.retired.retire(old, bytes);
+    }
+
+    /// Publishes `new_bus` as bus `kind`; returns the table it replaces,
+    /// unpublished, and that table's memory in bytes, for the retired
+    /// list.
+    fn unpublish_for(
+        &self,
+        slots: &mut SlotsGuard<'_>,
+        kind: BusKind,
+        new_bus: IoBus,
+    ) -> (Option<srcu::Stale<IoBus>>, usize) {
         let bytes = self.get_bus(slots, kind).heap_bytes();
         let old = self.cells[kind.index()].assign(new_bus, &mut slots.guard);
         // W, the writer half of the observation guarantee: orders the
@@ -991,7 +1002,7 @@ impl<F: Flavor> Buses<F> {
         // `SeqCst` fence, an `mfence` of ~35 cycles per update, which the
         // message-passing argument does not need).
         fence(Ordering::Release);
-        self.retired.retire(old, bytes);
+        (old, bytes)
     }
 
     /// Publishes `new_bus` (which no longer holds the entries whose counts
@@ -1009,8 +1020,9 @@ impl<F: Flavor> Buses<F> {
         // deferred free was unpublished earlier still, so afterwards no
         // reader can reach the released devices. (Those tables hold
         // non-owning pointers nothing follows again.)
-        self.publish(slots, kind, new_bus);
-        Removal::new(kind, self.srcu.retire(released))
+        let (old, bytes) = self.unpublish_for(slots, kind, new_bus);
+        let tables = self.retired.retire_for_removal(old, bytes);
+        Removal::new(kind, self.srcu.retire(released), tables)
     }
 
     /// Moves (or resizes) the entry of `dev` at `from` to `to`, as one

@@ -4,7 +4,11 @@
 use crate::device::IoDevice;
 use crate::error::BusError;
 use crate::kind::BusKind;
+use crate::retired::AfterRemoval;
 use std::sync::Arc;
+
+/// The references a removal releases on completion, one per entry.
+type Released = srcu::Stale<Vec<Arc<dyn IoDevice>>>;
 
 /// A removal started by [`Buses::start_unregister`](crate::Buses::start_unregister)
 /// (or `_many`, `_range`): the devices are already unreachable for every
@@ -50,12 +54,35 @@ use std::sync::Arc;
 #[must_use = "dropping a Removal completes it in the background; wait() to know when"]
 pub struct Removal {
     kind: BusKind,
-    devices: srcu::Stale<Vec<Arc<dyn IoDevice>>>,
+    /// `Some` until the removal is waited for, handed to `on_complete` or
+    /// dropped.
+    devices: Option<Released>,
+    /// The retired table of the removal's unpublish, freed on completion.
+    tables: AfterRemoval,
 }
 
 impl Removal {
-    pub(crate) fn new(kind: BusKind, devices: srcu::Stale<Vec<Arc<dyn IoDevice>>>) -> Removal {
-        Removal { kind, devices }
+    pub(crate) fn new(kind: BusKind, devices: Released, tables: AfterRemoval) -> Removal {
+        Removal {
+            kind,
+            devices: Some(devices),
+            tables,
+        }
+    }
+
+    fn devices(&self) -> &Released {
+        self.devices
+            .as_ref()
+            .expect("a Removal holds its devices until consumed")
+    }
+
+    /// Takes the devices and the tables out, leaving nothing for `Drop`.
+    fn take(&mut self) -> Option<(Released, AfterRemoval)> {
+        let devices = self.devices.take()?;
+        Some((
+            devices,
+            core::mem::replace(&mut self.tables, AfterRemoval::nothing()),
+        ))
     }
 
     /// The bus the devices were removed from.
@@ -88,7 +115,7 @@ impl Removal {
     /// # Ok::<(), kvm_bus::BusError>(())
     /// ```
     pub fn is_complete(&self) -> bool {
-        self.devices.is_complete()
+        self.devices().is_complete()
     }
 
     /// Blocks until the removal is complete, then releases the buses'
@@ -99,11 +126,17 @@ impl Removal {
     /// [`BusError::InReadSection`] if the calling thread is inside a read
     /// section of the buses' domain (it would wait for itself). The
     /// removal then still completes, in the background.
-    pub fn wait(self) -> Result<(), BusError> {
-        if self.devices.in_read_section() {
+    pub fn wait(mut self) -> Result<(), BusError> {
+        if self.devices().in_read_section() {
             return Err(BusError::InReadSection { kind: self.kind });
         }
-        drop(self.devices.synchronize_expedited());
+        let (devices, tables) = self.take().expect("not consumed yet");
+        let devices = devices.synchronize_expedited();
+        // The grace period covered the removal's retired table: free it
+        // here, on a thread that waited anyway. (Tables first: dropping a
+        // device runs its `Drop`, which may panic.)
+        tables.reclaim_now();
+        drop(devices);
         Ok(())
     }
 
@@ -128,11 +161,33 @@ impl Removal {
     /// assert_eq!(Arc::strong_count(&dev), 1);
     /// # Ok::<(), kvm_bus::BusError>(())
     /// ```
-    pub fn on_complete(self, f: impl FnOnce() + Send + 'static) {
-        self.devices.then(move |devices| {
+    pub fn on_complete(mut self, f: impl FnOnce() + Send + 'static) {
+        let (devices, tables) = self.take().expect("not consumed yet");
+        devices.then(move |devices| {
+            tables.after_grace_period();
             drop(devices);
             f();
         });
+    }
+}
+
+impl Drop for Removal {
+    /// Completes the removal in the background: at once if its grace
+    /// period has passed, else on the callback worker after it.
+    fn drop(&mut self) {
+        let Some((devices, tables)) = self.take() else {
+            return; // waited for, or handed to `on_complete`
+        };
+        match devices.try_take() {
+            Ok(devices) => {
+                tables.reclaim_now();
+                drop(devices);
+            }
+            Err(pending) => pending.then(move |devices| {
+                tables.after_grace_period();
+                drop(devices);
+            }),
+        }
     }
 }
 
