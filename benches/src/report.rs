@@ -697,19 +697,23 @@ fn run_grace_reader(cfg: &Config, rep: &mut Report) {
                 .insert(format!("membarriers_per_gp_reader200ms{e}_fast"), per);
             let _ = write!(note, "{per:.2} membarriers per GP ({mbs} in {gps} GPs); ");
         }
-        let (waits, wall, cpu) = (
+        let (waits, wall, cpu, naps, stretches) = (
             sum(|d| d.waits),
             sum(|d| d.wait_wall_ns),
             sum(|d| d.wait_cpu_ns),
+            sum(|d| d.wait_naps),
+            sum(|d| d.wait_nap_stretches),
         );
         let _ = write!(
             note,
             "wait CPU {:.3}% of the wait beyond its first 100 µs (stats, median; in all \
-             {waits} waits, {} wall, {} CPU); caller thread CPU {:.3}% (clock_gettime, median); \
+             {waits} waits, {} wall, {} CPU, {naps} naps, {} CPU each, {stretches} nap cap \
+             stretches); caller thread CPU {:.3}% (clock_gettime, median); \
              returned {} after the reader left (median)",
             100.0 * wait_frac,
             fmt_ns(wall as f64),
             fmt_ns(cpu as f64),
+            fmt_ns(cpu as f64 / naps.max(1) as f64),
             100.0 * caller_frac,
             fmt_ns(over),
         );

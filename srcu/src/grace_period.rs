@@ -56,7 +56,10 @@
 //!
 //! Between polls the driver spins for the first 50 µs (sections are short),
 //! then sleeps, doubling the nap from 20 µs up to 1 ms (500 µs while an
-//! expedited grace period is wanted). It never calls `sched_yield`: on a
+//! expedited grace period is wanted; stretched up to 4 ms, 1 ms expedited,
+//! on hosts where a nap costs more than 3 % of its length in CPU time,
+//! `nap.rs`). It never
+//! calls `sched_yield`: on a
 //! host whose CPUs are all busy (running vCPUs), a yield hands the CPU to
 //! another thread for a whole time slice, milliseconds, while a nap of
 //! 20 µs returns in tens of microseconds. Beyond its first 100 µs a wait
@@ -66,6 +69,7 @@
 use crate::barriers;
 use crate::domain::{Inner, Srcu};
 use crate::flavor::Flavor;
+use crate::nap::{Naps, SPIN_FOR};
 use crate::stall::StallReport;
 use crate::stats::Stats;
 use crate::sync::{AtomicU64, Condvar, Mutex, MutexGuard};
@@ -113,12 +117,6 @@ pub(crate) struct GracePeriods {
     /// Callers waiting for an expedited grace period: drivers nap shorter.
     expedite: AtomicU32,
 }
-
-/// A start-to-finish polling interval of the waiting loop.
-const SPIN_FOR: Duration = Duration::from_micros(50);
-const FIRST_NAP: Duration = Duration::from_micros(20);
-const MAX_NAP: Duration = Duration::from_millis(1);
-const MAX_NAP_EXPEDITED: Duration = Duration::from_micros(500);
 
 impl GracePeriods {
     pub(crate) fn new() -> Self {
@@ -237,8 +235,8 @@ impl Inner {
         (st.waiting, st.driven())
     }
 
-    /// An expedited grace period: drivers nap at most 500 µs while this
-    /// waits.
+    /// An expedited grace period: drivers nap shorter while this waits
+    /// (`nap.rs`).
     pub(crate) fn synchronize_expedited_inner(&self) {
         self.gp.expedite.fetch_add(1, Relaxed);
         let _undo = Expedited(&self.gp.expedite);
@@ -377,7 +375,7 @@ impl Inner {
         let start = Instant::now();
         let cpu_start = crate::stats::thread_cpu_ns();
         let mut reported = false;
-        let mut nap = FIRST_NAP;
+        let mut naps = Naps::new();
         loop {
             if self.poll_drained(i) {
                 break;
@@ -399,14 +397,20 @@ impl Inner {
                     crate::sync::spin_hint();
                 }
             } else {
-                let cap = if self.gp.expedite.load(Relaxed) > 0 {
-                    MAX_NAP_EXPEDITED
+                let expedited = self.gp.expedite.load(Relaxed) > 0;
+                let nap = naps.next(expedited);
+                Stats::add_by_driver(&self.stats.wait_naps, 1);
+                if naps.measures(nap, expedited) {
+                    // What a nap at the cap costs this thread (`nap.rs`).
+                    let (wall, cpu) = (Instant::now(), crate::stats::thread_cpu_ns());
+                    sleep(nap);
+                    let cpu = crate::stats::thread_cpu_ns().saturating_sub(cpu);
+                    if naps.cost(expedited, wall.elapsed(), Duration::from_nanos(cpu)) {
+                        Stats::add_by_driver(&self.stats.wait_nap_stretches, 1);
+                    }
                 } else {
-                    MAX_NAP
-                };
-                nap = nap.min(cap);
-                sleep(nap);
-                nap = (nap * 2).min(cap);
+                    sleep(nap);
+                }
             }
         }
         let s = &self.stats;
@@ -456,7 +460,10 @@ impl<F: Flavor> Srcu<F> {
 
     /// Like [`synchronize`](Srcu::synchronize), with lower latency once the
     /// readers have left: while it waits, the driver naps at most 500 µs
-    /// between polls instead of 1 ms. It never polls without sleeping
+    /// between polls instead of 1 ms (1 ms instead of up to 4 ms on hosts
+    /// where each nap costs more than 3 % of its length in CPU time: the
+    /// caps stretch there, see [`SrcuStats::wait_nap_stretches`](crate::SrcuStats::wait_nap_stretches)).
+    /// It never polls without sleeping
     /// beyond the first 100 µs, so a long reader costs neither a CPU nor a
     /// `membarrier` storm (see [`Srcu::stats`]).
     ///

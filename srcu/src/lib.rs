@@ -83,6 +83,7 @@ mod grace_period;
 mod guard;
 mod held;
 mod membarrier;
+mod nap;
 mod percpu;
 mod rseq;
 mod stall;

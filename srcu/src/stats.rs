@@ -15,6 +15,8 @@ pub(crate) struct Stats {
     pub(crate) waits: AtomicU64,
     pub(crate) wait_wall_ns: AtomicU64,
     pub(crate) wait_cpu_ns: AtomicU64,
+    pub(crate) wait_naps: AtomicU64,
+    pub(crate) wait_nap_stretches: AtomicU64,
     pub(crate) longest_grace_period_ns: AtomicU64,
     pub(crate) driver_handoffs: AtomicU64,
     pub(crate) driver_panics: AtomicU64,
@@ -54,6 +56,8 @@ impl Stats {
             waits: self.waits.load(Relaxed),
             wait_wall_ns: self.wait_wall_ns.load(Relaxed),
             wait_cpu_ns: self.wait_cpu_ns.load(Relaxed),
+            wait_naps: self.wait_naps.load(Relaxed),
+            wait_nap_stretches: self.wait_nap_stretches.load(Relaxed),
             longest_grace_period_ns: self.longest_grace_period_ns.load(Relaxed),
             driver_handoffs: self.driver_handoffs.load(Relaxed),
             driver_panics: self.driver_panics.load(Relaxed),
@@ -108,6 +112,13 @@ pub struct SrcuStats {
     /// clock), in nanoseconds: spinning for the first microseconds, then
     /// sleeping with back-off.
     pub wait_cpu_ns: u64,
+    /// Naps those waits took (sleeps between polls, after the first 50 µs
+    /// of spinning).
+    pub wait_naps: u64,
+    /// Times a wait doubled its longest nap because a nap cost more than
+    /// 3 % of its length in CPU time (hosts where sleeping is costly; at
+    /// most 2 per wait).
+    pub wait_nap_stretches: u64,
     /// The longest grace period so far, in nanoseconds, from the moment it
     /// started waiting for readers to its end (idle grace periods, which
     /// never wait, are not timed: they cost a few microseconds at most).
@@ -141,6 +152,8 @@ impl SrcuStats {
             waits: self.waits - earlier.waits,
             wait_wall_ns: self.wait_wall_ns - earlier.wait_wall_ns,
             wait_cpu_ns: self.wait_cpu_ns - earlier.wait_cpu_ns,
+            wait_naps: self.wait_naps - earlier.wait_naps,
+            wait_nap_stretches: self.wait_nap_stretches - earlier.wait_nap_stretches,
             longest_grace_period_ns: self.longest_grace_period_ns,
             driver_handoffs: self.driver_handoffs - earlier.driver_handoffs,
             driver_panics: self.driver_panics - earlier.driver_panics,

@@ -293,15 +293,27 @@ fn long_reader_costs_bounded<F: Flavor>(expedited: bool) {
         }
         let d = srcu.stats().since(&before);
         println!(
-            "{} {}: {} membarriers, wait {:.1} ms wall, {:.2} ms CPU",
+            "{} {}: {} membarriers, wait {:.1} ms wall, {:.2} ms CPU, {} naps, {} stretches",
             F::NAME,
             if expedited { "expedited" } else { "normal" },
             d.membarriers,
             d.wait_wall_ns as f64 / 1e6,
-            d.wait_cpu_ns as f64 / 1e6
+            d.wait_cpu_ns as f64 / 1e6,
+            d.wait_naps,
+            d.wait_nap_stretches
         );
         assert!(d.wait_wall_ns >= 100_000_000, "{d:?}");
         assert!(d.membarriers <= 36, "membarrier storm: {d:?}");
+        // Naps, not a poll loop: after the doubling from 20 µs (6 naps)
+        // each lasts at least the smallest cap, 500 µs; a cap stretched
+        // at most twice (by naps costing > 3 % of their length).
+        let most_naps = 16 + d.wait_wall_ns / 500_000;
+        assert!(
+            (1..=most_naps).contains(&d.wait_naps),
+            "{} naps, at most {most_naps}: {d:?}",
+            d.wait_naps
+        );
+        assert!(d.wait_nap_stretches <= 2, "{d:?}");
         let budget = 100_000 + (d.wait_wall_ns - 100_000) / 20;
         assert!(
             d.wait_cpu_ns <= budget,
