@@ -311,6 +311,31 @@ pub fn register_latency<F: Flavor>(
     Stats { samples }
 }
 
+/// Latency of an isolated `register_dev`: the first update after a quiet
+/// spell, as a guest's BAR move or a hot plug at run time is. Before each
+/// sample (untimed) the deferred work is let finish and the thread sleeps
+/// past the callback worker's nap (5 ms), so the worker is asleep for
+/// good; the registration's retired table then carries a trim, whose
+/// `call_srcu` wakes it (a futex wake, and an IPI where its CPU is idle).
+/// The device is removed again untimed.
+pub fn register_after_quiet_latency<F: Flavor>(buses: &Buses<F>, reps: usize) -> Stats {
+    Stats::collect(reps, || {
+        while buses.srcu().pending_callbacks() > 0 {
+            buses.srcu().barrier();
+        }
+        // Not synchronisation: the quiet spell being measured after.
+        std::thread::sleep(std::time::Duration::from_millis(6));
+        let d: Arc<dyn IoDevice> = Arc::new(Nop);
+        let r = range(REG_BASE_INDEX);
+        let dd = d.clone();
+        let t = time_ns(|| register_one(buses, RegisterMode::Deferred, r, dd));
+        buses
+            .unregister_dev(&mut buses.lock_slots(), BusKind::Mmio, &d)
+            .expect("unregister");
+        t
+    })
+}
+
 /// Latency of `unregister_dev` (one grace period) of a device registered
 /// just before (untimed, its deferred free completed), with no readers.
 pub fn unregister_latency<F: Flavor>(buses: &Buses<F>, reps: usize) -> Stats {

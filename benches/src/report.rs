@@ -919,6 +919,19 @@ fn run_registration(cfg: &Config, rep: &mut Report) {
     );
     rep.add(
         G,
+        "kvm-bus register_dev after a quiet spell (wakes the callback worker)",
+        Some("register_after_quiet_ns"),
+        &bus::register_after_quiet_latency(&buses, cfg.unregister_reps),
+        Some(reg),
+    );
+    rep.note(
+        "the first update after the callback worker went to sleep (5 ms after its last batch): \
+         the retired table carries a trim, a call_srcu whose futex wake of the worker (with an \
+         IPI where its CPU is idle) the registering thread pays; later updates of a burst do not"
+            .to_string(),
+    );
+    rep.add(
+        G,
         "register_dev + synchronize inside (pre-6.18 behaviour)",
         Some("register_sync_ns"),
         &bus::register_latency(&buses, RegisterMode::SyncInside, cfg.register_reps, 50),
