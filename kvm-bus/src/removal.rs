@@ -172,22 +172,18 @@ impl Removal {
 }
 
 impl Drop for Removal {
-    /// Completes the removal in the background: at once if its grace
-    /// period has passed, else on the callback worker after it.
+    /// Completes the removal in the background, on the callback worker
+    /// after its grace period (one callback, as the `Stale` it replaces):
+    /// never on the dropping thread, which may be inside a read section,
+    /// hold a lock a device's `Drop` takes, or be unwinding.
     fn drop(&mut self) {
         let Some((devices, tables)) = self.take() else {
             return; // waited for, or handed to `on_complete`
         };
-        match devices.try_take() {
-            Ok(devices) => {
-                tables.reclaim_now();
-                drop(devices);
-            }
-            Err(pending) => pending.then(move |devices| {
-                tables.after_grace_period();
-                drop(devices);
-            }),
-        }
+        devices.then(move |devices| {
+            tables.after_grace_period();
+            drop(devices);
+        });
     }
 }
 

@@ -1079,18 +1079,42 @@ fn removals_queue_no_callback<F: Flavor>(buses: Buses<F>) {
     assert_eq!(Arc::strong_count(&probes[1]), 2);
     assert_eq!(buses.srcu().pending_callbacks(), 0);
 
-    // Dropped: completes in the background.
+    // Completion reported by `on_complete`: the table is freed by then.
+    let dev = dynp(&Probe::new().0);
+    buses
+        .register_dev(&mut slots, BusKind::Pio, r(0x200, 4), dev.clone())
+        .unwrap();
+    drop(slots);
+    quiesce(&buses);
+    let mut slots = buses.lock_slots();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    buses
+        .start_unregister(&mut slots, BusKind::Pio, &dev)
+        .unwrap()
+        .on_complete(move || done_tx.send(()).unwrap());
+    done_rx.recv().unwrap();
+    assert_eq!(
+        buses.retired_tables(&slots),
+        none,
+        "on_complete freed the table"
+    );
+    assert_eq!(Arc::strong_count(&dev), 1);
+    quiesce(&buses); // (the batch that ran it is counted after it ran)
+
+    // Dropped: completes in the background, one callback (which may
+    // have run already: count it once the worker is idle).
+    let before = buses.srcu().stats();
     drop(
         buses
             .start_unregister(&mut slots, BusKind::Pio, &devs[2])
             .unwrap(),
     );
+    quiesce(&buses);
     assert_eq!(
-        buses.srcu().pending_callbacks(),
+        buses.srcu().stats().since(&before).callbacks_run,
         1,
         "the background completion"
     );
-    quiesce(&buses);
     assert_eq!(
         buses.retired_tables(&slots),
         none,
@@ -1108,4 +1132,126 @@ fn removals_queue_no_callback_classic() {
 #[test]
 fn removals_queue_no_callback_fast() {
     removals_queue_no_callback(Buses::new_fast());
+}
+
+/// Dropping a `Removal` completes it in the background (its docs, its
+/// `must_use` message, the CHANGELOG): the devices are released on the
+/// callback worker, never on the thread that drops it, which may be a
+/// vCPU inside a handler's read section, or hold the slots lock or a VMM
+/// lock that the device's `Drop` takes (a self-deadlock), or be
+/// unwinding (a panicking device `Drop` would then abort). (From a review:
+/// a `Removal` dropped after its grace period released the devices at
+/// once, on the dropping thread.)
+fn dropping_a_completed_removal_releases_in_the_background<F: Flavor>(buses: Buses<F>) {
+    struct Tracked(Arc<std::sync::Mutex<Option<std::thread::ThreadId>>>);
+    impl Drop for Tracked {
+        fn drop(&mut self) {
+            *self.0.lock().unwrap() = Some(std::thread::current().id());
+        }
+    }
+    impl IoDevice for Tracked {
+        fn read(&self, _: Access, _: &mut [u8]) -> Result<(), Declined> {
+            Err(Declined)
+        }
+        fn write(&self, _: Access, _: &[u8]) -> WriteResult {
+            Ok(None)
+        }
+    }
+    let dropped_on = Arc::new(std::sync::Mutex::new(None));
+    let dev: Arc<dyn IoDevice> = Arc::new(Tracked(dropped_on.clone()));
+    let mut slots = buses.lock_slots();
+    buses
+        .register_dev(&mut slots, BusKind::Pio, r(0x100, 4), dev.clone())
+        .unwrap();
+    let removal = buses
+        .start_unregister(&mut slots, BusKind::Pio, &dev)
+        .unwrap();
+    drop(dev); // the removal holds the last reference
+    while !removal.is_complete() {
+        std::thread::yield_now();
+    }
+    drop(removal); // (still holding the slots lock)
+    drop(slots);
+    quiesce(&buses);
+    let on = dropped_on.lock().unwrap().expect("the device was dropped");
+    assert_ne!(
+        on,
+        std::thread::current().id(),
+        "the device was dropped on the thread that dropped the Removal"
+    );
+}
+
+#[test]
+fn dropping_a_completed_removal_releases_in_the_background_classic() {
+    dropping_a_completed_removal_releases_in_the_background(Buses::new());
+}
+
+#[test]
+fn dropping_a_completed_removal_releases_in_the_background_fast() {
+    dropping_a_completed_removal_releases_in_the_background(Buses::new_fast());
+}
+
+/// A `Removal::wait` whose grace period panics (a stall hook that panics,
+/// as `srcu/tests/faults.rs` injects) does not strand the removal's
+/// retired table: with no update to come, the table is still freed once
+/// the reader has left. (From a review: the table carried no trim and the
+/// `AfterRemoval` that owed it was dropped by the unwinding `wait`.)
+fn a_panicking_wait_leaves_no_table_behind<F: Flavor>() {
+    let armed = Arc::new(AtomicBool::new(true));
+    let hook = armed.clone();
+    let srcu = Srcu::<F>::builder()
+        .stall_timeout(std::time::Duration::from_millis(5))
+        .on_stall(move |r| {
+            if hook.swap(false, SeqCst) {
+                panic!("injected stall-hook panic: {r}");
+            }
+        })
+        .build();
+    let buses = Buses::with_srcu(srcu, MAX_IO_BUS_DEVICES);
+    let dev = dynp(&Probe::new().0);
+    let mut slots = buses.lock_slots();
+    buses
+        .register_dev(&mut slots, BusKind::Pio, r(0x100, 4), dev.clone())
+        .unwrap();
+    drop(slots);
+    quiesce(&buses);
+    let none = kvm_bus::RetiredTables::default();
+    assert_eq!(buses.retired_tables(&buses.lock_slots()), none);
+
+    let (entered_tx, entered_rx) = std::sync::mpsc::channel();
+    let (leave_tx, leave_rx) = std::sync::mpsc::channel::<()>();
+    std::thread::scope(|s| {
+        let buses = &buses;
+        s.spawn(move || {
+            let g = buses.read_lock();
+            entered_tx.send(()).unwrap();
+            let _ = leave_rx.recv();
+            drop(g);
+        });
+        entered_rx.recv().unwrap();
+        let removal = buses
+            .start_unregister(&mut buses.lock_slots(), BusKind::Pio, &dev)
+            .unwrap();
+        let err = catch_unwind(AssertUnwindSafe(|| removal.wait())).unwrap_err();
+        assert!(err.downcast_ref::<String>().unwrap().contains("injected"));
+        leave_tx.send(()).unwrap();
+    });
+    // The trim the unwinding `wait` queued runs after a grace period.
+    quiesce(&buses);
+    assert_eq!(
+        buses.retired_tables(&buses.lock_slots()),
+        none,
+        "the removal's table stays"
+    );
+    assert_eq!(Arc::strong_count(&dev), 1, "the removal let the device go");
+}
+
+#[test]
+fn a_panicking_wait_leaves_no_table_behind_classic() {
+    a_panicking_wait_leaves_no_table_behind::<Classic>();
+}
+
+#[test]
+fn a_panicking_wait_leaves_no_table_behind_fast() {
+    a_panicking_wait_leaves_no_table_behind::<Fast>();
 }
