@@ -917,19 +917,20 @@ fn run_registration(cfg: &Config, rep: &mut Report) {
         ),
         Some(reg),
     );
-    rep.add(
+    let (moves, trims) = bus::move_range_after_quiet_latency(&buses, cfg.unregister_reps);
+    let quiet_move = rep.add(
         G,
-        "kvm-bus register_dev after a quiet spell (wakes the callback worker)",
-        Some("register_after_quiet_ns"),
-        &bus::register_after_quiet_latency(&buses, cfg.unregister_reps),
+        "kvm-bus move_range after a quiet spell (an isolated BAR move, 16-device bus)",
+        Some("move_range_after_quiet_ns"),
+        &moves,
         Some(reg),
     );
-    rep.note(
-        "the first update after the callback worker went to sleep (5 ms after its last batch): \
-         the retired table carries a trim, a call_srcu whose futex wake of the worker (with an \
-         IPI where its CPU is idle) the registering thread pays; later updates of a burst do not"
-            .to_string(),
-    );
+    rep.note(format!(
+        "each the first update after the callback worker went to sleep; {trims} of {} \
+         carried a trim (the kept tables would pass 16 KiB), whose call_srcu wakes the worker \
+         (a futex wake, an IPI where its CPU is idle): those are the slow samples (max)",
+        moves.samples.len()
+    ));
     rep.add(
         G,
         "register_dev + synchronize inside (pre-6.18 behaviour)",
@@ -982,6 +983,17 @@ fn run_registration(cfg: &Config, rep: &mut Report) {
                 Some(reg),
             );
             kernel = Some(u);
+            rep.add(
+                G,
+                "kernel KVM_IOEVENTFD assign after a quiet spell (PIO, VM fd, no vCPU)",
+                Some("kernel_ioeventfd_register_after_quiet_ns"),
+                &vm.assign_after_quiet(cfg.unregister_reps),
+                Some(quiet_move),
+            );
+            rep.note(
+                "each after a 6 ms sleep, as kvm-bus's isolated BAR move above: whatever runs \
+                 first after the thread slept is slower here (cold caches), the kernel too",
+            );
             let (ours, theirs) = register_in_turns(&vm, cfg.kernel_ioeventfd_n.div_ceil(10));
             rep.add(
                 G,

@@ -50,6 +50,32 @@ impl IoeventVm {
         register_unregister(self.vm.vm_fd(), &self.efd, n)
     }
 
+    /// The kernel's side of `bus::move_range_after_quiet_latency`: `n`
+    /// assigns on distinct ports, each after a quiet spell (a 6 ms sleep,
+    /// untimed), timed one by one; then deassigned, untimed. On these
+    /// 2-vCPU guests whatever runs first after the thread slept is slower
+    /// (caches and TLB are cold): this is the kernel's figure in the same
+    /// state.
+    pub fn assign_after_quiet(&self, n: usize) -> Stats {
+        let fd = self.vm.vm_fd();
+        let samples = (0..n)
+            .map(|i| {
+                // Not synchronisation: the quiet spell being measured after.
+                std::thread::sleep(std::time::Duration::from_millis(6));
+                let a = ioevent_addr(i);
+                time_ns(|| {
+                    fd.register_ioevent(&self.efd, &a, NoDatamatch)
+                        .expect("KVM_IOEVENTFD assign")
+                })
+            })
+            .collect();
+        for i in 0..n {
+            fd.unregister_ioevent(&self.efd, &ioevent_addr(i), NoDatamatch)
+                .expect("KVM_IOEVENTFD deassign");
+        }
+        Stats { samples }
+    }
+
     /// Assigns `n` ioeventfds on the ports from index `from`, timing each
     /// call; they stay until the VM is dropped (`examples/lookup.rs turns`).
     pub fn assign_ports(&self, from: usize, n: usize) -> Stats {

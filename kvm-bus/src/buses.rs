@@ -170,10 +170,12 @@ impl<F: Flavor> Buses<F> {
     /// that the oldest go to `call_srcu`). No grace period is started for
     /// them: an unregistration frees every one its own grace period
     /// covered, and each update frees up to two whose grace period some
-    /// other party completed. When updates stop, a trim on the callback
-    /// worker frees the rest within a few milliseconds (the first table
-    /// retired carries it, `call_srcu`-style; [`Srcu::barrier`] waits for
-    /// it). Dropping the `Buses` frees them all.
+    /// other party completed. Up to 16 KiB of them wait without anything
+    /// queued, so that an isolated update (a guest's BAR move) queues no
+    /// callback; past that, a trim on the callback worker frees them
+    /// within a few milliseconds once updates stop (the table that would
+    /// pass 16 KiB carries it, `call_srcu`-style; [`Srcu::barrier`] waits
+    /// for it). Dropping the `Buses` frees them all.
     ///
     /// ```
     /// use kvm_bus::{Access, Buses, BusKind, Declined, WriteResult, IoDevice, IoRange};

@@ -43,6 +43,22 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 /// 1000-device one about 60 KiB.
 pub(crate) const BUDGET: usize = 256 << 10;
 
+/// Bytes of retired tables that updates keep without a trim queued. An
+/// update whose table still fits keeps it and queues nothing; the one
+/// that would pass this carries the trim. A trim is a `call_srcu`: after a
+/// quiet spell it wakes the idle callback worker, a futex wake that costs
+/// the waking thread 6-12 µs on a 2-vCPU Firecracker guest when the
+/// worker's CPU is idle (an IPI; measured alone, a condvar notify of a
+/// sleeping thread), and in the fast flavor its grace period interrupts
+/// every running vCPU three times. Isolated updates (a guest's BAR move,
+/// a run-time hot plug, each after a quiet spell) thus queue one trim per
+/// 16 KiB of tables (about 30 tables of a 16-device bus, 8 of a 50-device
+/// one; a table this big or bigger carries one at once): 3 of 51 isolated
+/// BAR moves on a 16-device bus (`move_range_after_quiet_ns` in
+/// `bench-report`). While updates stop, up to this much of dead tables
+/// stays until the next update or removal.
+pub(crate) const UNTRIMMED: usize = 16 << 10;
+
 /// Most tables a registration or move frees (one is retired per update,
 /// so a backlog shrinks as soon as grace periods complete).
 pub(crate) const RECLAIM_PER_UPDATE: usize = 2;
@@ -121,10 +137,10 @@ impl Retired {
 /// A list that only updates emptied would keep its tables for as long as
 /// no update comes: a VM that registers its devices at boot and never
 /// again would hold up to [`BUDGET`] of dead tables for its lifetime. So
-/// the first table retired while no trim is queued is not kept: it carries
-/// a trim (`Stale::then`), which runs on the callback worker after that
-/// table's grace period (so after the grace period of every table retired
-/// before it). If updates have stopped meanwhile, it frees what has
+/// once the tables kept without a trim would pass [`UNTRIMMED`], the table
+/// retired next is not kept: it carries a trim (`Stale::then`), which runs
+/// on the callback worker after that table's grace period (so after the
+/// grace period of every table retired before it). If updates have stopped meanwhile, it frees what has
 /// completed; while tables remain, the newest carries the next trim.
 /// Memory is therefore freed a few worker cycles (milliseconds) after the
 /// last update, and during a burst the updater frees everything itself
@@ -221,8 +237,9 @@ impl RetiredList {
     }
 
     /// An update: reclaims up to [`RECLAIM_PER_UPDATE`] tables, then keeps
-    /// `old` (unpublished just now, `bytes` of memory), or makes it carry
-    /// the next trim.
+    /// `old` (unpublished just now, `bytes` of memory), or, if no trim is
+    /// queued and the list would pass [`UNTRIMMED`], makes it carry the
+    /// next trim.
     pub(crate) fn retire(self: &Arc<Self>, old: Option<Stale<IoBus>>, bytes: usize) {
         let Some(mut list) = self.try_list() else {
             // A trim holds the list (and queues the next one if tables
@@ -235,8 +252,11 @@ impl RetiredList {
         let mut carrier = None;
         if let Some(old) = old {
             // (A load first: the swap, a locked instruction, only when no
-            // trim is queued, once per trim.)
-            if self.trim_queued.load(Relaxed) || self.trim_queued.swap(true, SeqCst) {
+            // trim is queued and the list is full, once per trim.)
+            if self.trim_queued.load(Relaxed)
+                || list.bytes + bytes <= UNTRIMMED
+                || self.trim_queued.swap(true, SeqCst)
+            {
                 list.push(old, bytes);
             } else {
                 carrier = Some((old, list.updates));
@@ -509,8 +529,8 @@ mod tests {
     fn a_trim_that_finds_the_list_taken_is_queued_by_the_holder() {
         let srcu = srcu::Srcu::new();
         let shared = RetiredList::new();
-        // First update: no trim queued, so its table carries one.
-        shared.retire(Some(srcu.retire(IoBus::empty())), 100);
+        // First update, of a table past `UNTRIMMED`: it carries a trim.
+        shared.retire(Some(srcu.retire(IoBus::empty())), UNTRIMMED + 1);
         assert!(shared.trim_queued.load(SeqCst));
         // Second update, up to its push: kept.
         let mut list = shared.list.lock().unwrap();
