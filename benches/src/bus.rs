@@ -319,9 +319,13 @@ pub fn register_latency<F: Flavor>(
 /// worker's nap (5 ms), so the worker is asleep for good. A move keeps its
 /// retired table without a trim while the kept tables fit in 16 KiB; the
 /// one that would pass it carries a trim, whose `call_srcu` wakes the
-/// worker (a futex wake, and an IPI where its CPU is idle). Returns the
-/// samples and how many trims ran meanwhile.
-pub fn move_range_after_quiet_latency<F: Flavor>(buses: &Buses<F>, reps: usize) -> (Stats, u64) {
+/// worker (a futex wake, and an IPI where its CPU is idle). Returns every
+/// sample, then the samples of the moves that carried a trim (a callback
+/// ran after them) and of those that did not.
+pub fn move_range_after_quiet_latency<F: Flavor>(
+    buses: &Buses<F>,
+    reps: usize,
+) -> (Stats, Stats, Stats) {
     let others: Vec<Arc<dyn IoDevice>> = (0..15).map(|_| Arc::new(Nop) as _).collect();
     let d: Arc<dyn IoDevice> = Arc::new(Nop);
     let ends = [range(REG_BASE_INDEX), range(REG_BASE_INDEX + 1)];
@@ -341,36 +345,43 @@ pub fn move_range_after_quiet_latency<F: Flavor>(buses: &Buses<F>, reps: usize) 
             .register_dev(&mut slots, BusKind::Mmio, ends[0], d.clone())
             .expect("register");
     }
-    let quiet = || {
+    let settle = || {
         while buses.srcu().pending_callbacks() > 0 {
             buses.srcu().barrier();
         }
+    };
+    let (mut all, mut trim, mut no_trim) = (vec![], vec![], vec![]);
+    let mut at = 0;
+    for _ in 0..reps {
+        settle();
         // Not synchronisation: the quiet spell being measured after.
         std::thread::sleep(std::time::Duration::from_millis(6));
-    };
-    quiet();
-    let ran = buses.srcu().stats().callbacks_run;
-    let mut at = 0;
-    let samples = (0..reps)
-        .map(|_| {
-            quiet();
-            let (from, to) = (ends[at], ends[1 - at]);
-            at = 1 - at;
-            time_ns(|| {
-                buses
-                    .move_range(&mut buses.lock_slots(), BusKind::Mmio, &d, from, to)
-                    .expect("move_range");
-            })
-        })
-        .collect();
-    quiet();
-    let trims = buses.srcu().stats().callbacks_run - ran;
-    let mut all = others;
-    all.push(d);
+        let ran = buses.srcu().stats().callbacks_run;
+        let (from, to) = (ends[at], ends[1 - at]);
+        at = 1 - at;
+        let t = time_ns(|| {
+            buses
+                .move_range(&mut buses.lock_slots(), BusKind::Mmio, &d, from, to)
+                .expect("move_range");
+        });
+        settle();
+        all.push(t);
+        if buses.srcu().stats().callbacks_run > ran {
+            trim.push(t);
+        } else {
+            no_trim.push(t);
+        }
+    }
+    let mut devs = others;
+    devs.push(d);
     buses
-        .unregister_many(&mut buses.lock_slots(), BusKind::Mmio, &all)
+        .unregister_many(&mut buses.lock_slots(), BusKind::Mmio, &devs)
         .expect("unregister_many");
-    (Stats { samples }, trims)
+    (
+        Stats { samples: all },
+        Stats { samples: trim },
+        Stats { samples: no_trim },
+    )
 }
 
 /// Latency of `unregister_dev` (one grace period) of a device registered

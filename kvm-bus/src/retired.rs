@@ -20,8 +20,9 @@
 //! interrupts every running vCPU). Updates free at most
 //! [`RECLAIM_PER_UPDATE`] each; an unregistration, after its wait, frees
 //! every table its grace period covered (a removal's own table waits for
-//! that, [`AfterRemoval`]); when updates stop, a trim on the callback
-//! worker frees the rest ([`RetiredList`]). What waits here is bounded
+//! that, [`AfterRemoval`]); once more than [`UNTRIMMED`] bytes wait, a
+//! trim on the callback worker frees them when updates stop
+//! ([`RetiredList`]). What waits here is bounded
 //! by [`BUDGET`] bytes: past it, the oldest tables go to `call_srcu` as
 //! before.
 //!
@@ -39,8 +40,8 @@ use std::sync::atomic::{
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 /// Most bytes of retired tables kept waiting on the updater's side. A
-/// 50-device table is about 2 KiB (a burst of ~100 registrations fits), a
-/// 1000-device one about 60 KiB.
+/// 16-device table is about 1.2 KiB, a 50-device one about 2.8 KiB (a
+/// burst of ~90 registrations fits), a 1000-device one about 60 KiB.
 pub(crate) const BUDGET: usize = 256 << 10;
 
 /// Bytes of retired tables that updates keep without a trim queued. An
@@ -52,11 +53,13 @@ pub(crate) const BUDGET: usize = 256 << 10;
 /// sleeping thread), and in the fast flavor its grace period interrupts
 /// every running vCPU three times. Isolated updates (a guest's BAR move,
 /// a run-time hot plug, each after a quiet spell) thus queue one trim per
-/// 16 KiB of tables (about 30 tables of a 16-device bus, 8 of a 50-device
-/// one; a table this big or bigger carries one at once): 3 of 51 isolated
-/// BAR moves on a 16-device bus (`move_range_after_quiet_ns` in
+/// 16 KiB of tables (about 14 tables of a 16-device bus, 5 of a 50-device
+/// one; a table bigger than this carries one at once): 14 of 201
+/// isolated BAR moves on a 16-device bus (`move_range_after_quiet_ns` in
 /// `bench-report`). While updates stop, up to this much of dead tables
-/// stays until the next update or removal.
+/// stays: no grace period is started for them, so the next update frees
+/// none; the first removal to complete, or the update that passes this
+/// bound (its trim), frees them.
 pub(crate) const UNTRIMMED: usize = 16 << 10;
 
 /// Most tables a registration or move frees (one is retired per update,
@@ -137,14 +140,16 @@ impl Retired {
 /// A list that only updates emptied would keep its tables for as long as
 /// no update comes: a VM that registers its devices at boot and never
 /// again would hold up to [`BUDGET`] of dead tables for its lifetime. So
-/// once the tables kept without a trim would pass [`UNTRIMMED`], the table
-/// retired next is not kept: it carries a trim (`Stale::then`), which runs
-/// on the callback worker after that table's grace period (so after the
-/// grace period of every table retired before it). If updates have stopped meanwhile, it frees what has
-/// completed; while tables remain, the newest carries the next trim.
-/// Memory is therefore freed a few worker cycles (milliseconds) after the
-/// last update, and during a burst the updater frees everything itself
-/// but one table per trim. A removal's table carries no trim: the
+/// the table whose keeping would take the list past [`UNTRIMMED`] (with
+/// no trim queued) is not kept: it carries a trim (`Stale::then`), which
+/// runs on the callback worker after that table's grace period (so after
+/// the grace period of every table retired before it). If updates have
+/// stopped meanwhile, it frees what has completed; while tables remain,
+/// the newest carries the next trim. Memory past [`UNTRIMMED`] is
+/// therefore freed a few worker cycles (milliseconds) after the last
+/// update, and during a burst the updater frees everything itself but one
+/// table per trim; up to [`UNTRIMMED`] may stay while no update or
+/// removal comes. A removal's table carries no trim: the
 /// removal's own completion frees it ([`AfterRemoval`]), so a removal
 /// queues no callback unless it is dropped before it completes.
 ///
@@ -162,7 +167,8 @@ impl Retired {
 /// parent's worker's batch; and for a `Removal` that is `mem::forget`ten.)
 pub(crate) struct RetiredList {
     list: Mutex<Retired>,
-    /// A trim is queued: updates keep their tables.
+    /// A trim is queued: updates keep their tables (as they do without one
+    /// while the list stays within [`UNTRIMMED`]).
     trim_queued: AtomicBool,
     /// A trim (or a holder re-queuing one) found the list taken: whoever
     /// holds it queues the next trim after letting go (`release`).
