@@ -311,6 +311,10 @@ pub fn register_latency<F: Flavor>(
     Stats { samples }
 }
 
+/// The quiet spell before an isolated update (`*_after_quiet`): past the
+/// callback worker's 5 ms nap, so that it is asleep for good.
+pub const QUIET_SPELL: std::time::Duration = std::time::Duration::from_millis(6);
+
 /// Latency of isolated BAR moves: `move_range` of one device of a
 /// 16-device bus, each the first update after a quiet spell, as a guest
 /// relocating a BAR at run time makes it (inside the handler of its config
@@ -355,7 +359,7 @@ pub fn move_range_after_quiet_latency<F: Flavor>(
     for _ in 0..reps {
         settle();
         // Not synchronisation: the quiet spell being measured after.
-        std::thread::sleep(std::time::Duration::from_millis(6));
+        std::thread::sleep(QUIET_SPELL);
         let ran = buses.srcu().stats().callbacks_run;
         let (from, to) = (ends[at], ends[1 - at]);
         at = 1 - at;

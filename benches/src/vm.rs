@@ -51,17 +51,17 @@ impl IoeventVm {
     }
 
     /// The kernel's side of `bus::move_range_after_quiet_latency`: `n`
-    /// assigns on distinct ports, each after a quiet spell (a 6 ms sleep,
-    /// untimed), timed one by one; then deassigned, untimed. On these
-    /// 2-vCPU guests whatever runs first after the thread slept is slower
-    /// (caches and TLB are cold): this is the kernel's figure in the same
-    /// state.
+    /// assigns on distinct ports, each after a quiet spell
+    /// ([`QUIET_SPELL`](crate::bus::QUIET_SPELL), untimed), timed one by
+    /// one; then deassigned, untimed. On these 2-vCPU guests whatever runs
+    /// first after the thread slept is slower (caches and TLB are cold):
+    /// this is the kernel's figure in the same state.
     pub fn assign_after_quiet(&self, n: usize) -> Stats {
         let fd = self.vm.vm_fd();
         let samples = (0..n)
             .map(|i| {
                 // Not synchronisation: the quiet spell being measured after.
-                std::thread::sleep(std::time::Duration::from_millis(6));
+                std::thread::sleep(crate::bus::QUIET_SPELL);
                 let a = ioevent_addr(i);
                 time_ns(|| {
                     fd.register_ioevent(&self.efd, &a, NoDatamatch)

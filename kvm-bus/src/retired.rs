@@ -62,6 +62,10 @@ pub(crate) const BUDGET: usize = 256 << 10;
 /// bound (its trim), frees them.
 pub(crate) const UNTRIMMED: usize = 16 << 10;
 
+/// An update count no update reaches: a trim given it frees nothing
+/// itself (`trim`).
+const NO_UPDATE: u64 = u64::MAX;
+
 /// Most tables a registration or move frees (one is retired per update,
 /// so a backlog shrinks as soon as grace periods complete).
 pub(crate) const RECLAIM_PER_UPDATE: usize = 2;
@@ -247,31 +251,7 @@ impl RetiredList {
     /// queued and the list would pass [`UNTRIMMED`], makes it carry the
     /// next trim.
     pub(crate) fn retire(self: &Arc<Self>, old: Option<Stale<IoBus>>, bytes: usize) {
-        let Some(mut list) = self.try_list() else {
-            // A trim holds the list (and queues the next one if tables
-            // remain): the usual deferred free.
-            drop(old);
-            return;
-        };
-        list.updates += 1;
-        list.reclaim(RECLAIM_PER_UPDATE);
-        let mut carrier = None;
-        if let Some(old) = old {
-            // (A load first: the swap, a locked instruction, only when no
-            // trim is queued and the list is full, once per trim.)
-            if self.trim_queued.load(Relaxed)
-                || list.bytes + bytes <= UNTRIMMED
-                || self.trim_queued.swap(true, SeqCst)
-            {
-                list.push(old, bytes);
-            } else {
-                carrier = Some((old, list.updates));
-            }
-        }
-        self.release(list);
-        if let Some((table, seen)) = carrier {
-            self.queue_trim(table, seen);
-        }
+        self.update(old, bytes, true);
     }
 
     /// A removal's update: as [`retire`](RetiredList::retire), except
@@ -289,28 +269,55 @@ impl RetiredList {
         old: Option<Stale<IoBus>>,
         bytes: usize,
     ) -> AfterRemoval {
-        let Some(mut list) = self.try_list() else {
-            // As in `retire`: the trim that holds the list takes care of
-            // what it keeps. The removal's completion still frees what its
-            // grace period covered (a count no update reaches: a trim then
-            // frees nothing itself, only queues the next one if needed).
-            drop(old);
-            return AfterRemoval {
-                list: Arc::downgrade(self),
-                seen: u64::MAX,
-            };
-        };
-        list.updates += 1;
-        list.reclaim(RECLAIM_PER_UPDATE);
-        if let Some(old) = old {
-            list.push(old, bytes);
-        }
-        let seen = list.updates;
-        self.release(list);
+        // If a trim held the list, the removal's completion still frees
+        // what its grace period covered (with a count no update reaches:
+        // it then frees nothing itself, only queues the next trim if
+        // needed).
+        let seen = self.update(old, bytes, false).unwrap_or(NO_UPDATE);
         AfterRemoval {
             list: Arc::downgrade(self),
             seen,
         }
+    }
+
+    /// The update of [`retire`](RetiredList::retire) and
+    /// [`retire_for_removal`](RetiredList::retire_for_removal): reclaims,
+    /// then keeps `old` or (`may_carry`) makes it carry the next trim.
+    /// Returns the list's update count after this update, or `None` if a
+    /// trim held the list: `old` then goes to `call_srcu`, the usual
+    /// deferred free (that trim queues the next one if tables remain).
+    fn update(
+        self: &Arc<Self>,
+        old: Option<Stale<IoBus>>,
+        bytes: usize,
+        may_carry: bool,
+    ) -> Option<u64> {
+        let Some(mut list) = self.try_list() else {
+            drop(old);
+            return None;
+        };
+        list.updates += 1;
+        list.reclaim(RECLAIM_PER_UPDATE);
+        let seen = list.updates;
+        let mut carrier = None;
+        if let Some(old) = old {
+            // (A load first: the swap, a locked instruction, only when no
+            // trim is queued and the list is full, once per trim.)
+            if !may_carry
+                || self.trim_queued.load(Relaxed)
+                || list.bytes + bytes <= UNTRIMMED
+                || self.trim_queued.swap(true, SeqCst)
+            {
+                list.push(old, bytes);
+            } else {
+                carrier = Some((old, seen));
+            }
+        }
+        self.release(list);
+        if let Some((table, seen)) = carrier {
+            self.queue_trim(table, seen);
+        }
+        Some(seen)
     }
 
     /// The list, waiting out a trim that holds it (a few microseconds);
@@ -393,20 +400,12 @@ impl AfterRemoval {
 
 impl Drop for AfterRemoval {
     /// Dropped without completing (a `wait` whose grace period panicked):
-    /// the removal's table must not stay without a trim. Queues one if
-    /// none is (or leaves it to the list's holder).
+    /// the removal's table must not stay without a trim. What a trim does
+    /// with nothing to reclaim yet: queues one if none is (or leaves it to
+    /// the list's holder). Nothing if completed, owed nothing, or the
+    /// `Buses` is gone (the `Weak` is empty or dead).
     fn drop(&mut self) {
-        let Some(shared) = self.list.upgrade() else {
-            return; // completed, owed nothing, or the `Buses` is gone
-        };
-        let Some(mut list) = shared.list_or_leave_trim() else {
-            return;
-        };
-        let carrier = shared.carrier(&mut list);
-        shared.release(list);
-        if let Some((table, seen)) = carrier {
-            shared.queue_trim(table, seen);
-        }
+        trim(&self.list, NO_UPDATE, false);
     }
 }
 

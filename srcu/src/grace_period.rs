@@ -58,9 +58,8 @@
 //! then sleeps, doubling the nap from 20 µs up to 1 ms (500 µs while an
 //! expedited grace period is wanted; stretched up to 4 ms, 1 ms expedited,
 //! on hosts where a nap costs more than 3 % of its length in CPU time,
-//! `nap.rs`). It never
-//! calls `sched_yield`: on a
-//! host whose CPUs are all busy (running vCPUs), a yield hands the CPU to
+//! `nap.rs`). It never calls `sched_yield`: on a host whose CPUs are all
+//! busy (running vCPUs), a yield hands the CPU to
 //! another thread for a whole time slice, milliseconds, while a nap of
 //! 20 µs returns in tens of microseconds. Beyond its first 100 µs a wait
 //! thus costs a few percent of a CPU at most, expedited included
@@ -462,9 +461,9 @@ impl<F: Flavor> Srcu<F> {
     /// readers have left: while it waits, the driver naps at most 500 µs
     /// between polls instead of 1 ms (1 ms instead of up to 4 ms on hosts
     /// where each nap costs more than 3 % of its length in CPU time: the
-    /// caps stretch there, see [`SrcuStats::wait_nap_stretches`](crate::SrcuStats::wait_nap_stretches)).
-    /// It never polls without sleeping
-    /// beyond the first 100 µs, so a long reader costs neither a CPU nor a
+    /// caps stretch there, see
+    /// [`SrcuStats::wait_nap_stretches`](crate::SrcuStats::wait_nap_stretches)).
+    /// It never polls without sleeping beyond the first 100 µs, so a long reader costs neither a CPU nor a
     /// `membarrier` storm (see [`Srcu::stats`]).
     ///
     /// # Panics
