@@ -1313,3 +1313,61 @@ fn a_panicking_wait_leaves_no_table_behind_classic() {
 fn a_panicking_wait_leaves_no_table_behind_fast() {
     a_panicking_wait_leaves_no_table_behind::<Fast>();
 }
+
+/// A device whose `Drop` panics, released by `Removal::wait`: the panic
+/// reaches the caller of `wait`, after the removal's retired table was
+/// freed (tables first), and the buses go on: nothing is kept, nothing is
+/// queued, and the next registration and removal work.
+fn a_panicking_device_drop_in_wait_leaves_the_buses_usable<F: Flavor>(buses: Buses<F>) {
+    struct Bomb;
+    impl Drop for Bomb {
+        fn drop(&mut self) {
+            panic!("injected panic in a device's Drop");
+        }
+    }
+    impl IoDevice for Bomb {
+        fn read(&self, _: Access, _: &mut [u8]) -> Result<(), Declined> {
+            Err(Declined)
+        }
+        fn write(&self, _: Access, _: &[u8]) -> WriteResult {
+            Ok(None)
+        }
+    }
+    let bomb: Arc<dyn IoDevice> = Arc::new(Bomb);
+    let mut slots = buses.lock_slots();
+    buses
+        .register_dev(&mut slots, BusKind::Pio, r(0x100, 4), bomb.clone())
+        .unwrap();
+    let removal = buses
+        .start_unregister(&mut slots, BusKind::Pio, &bomb)
+        .unwrap();
+    drop(bomb); // the removal holds the last reference
+    drop(slots);
+    let err = catch_unwind(AssertUnwindSafe(|| removal.wait())).unwrap_err();
+    assert!(err.downcast_ref::<&str>().unwrap().contains("injected"));
+    let none = kvm_bus::RetiredTables::default();
+    let mut slots = buses.lock_slots();
+    assert_eq!(buses.retired_tables(&slots), none, "freed before the panic");
+    assert_eq!(buses.srcu().pending_callbacks(), 0);
+    assert!(buses.get_bus(&slots, BusKind::Pio).is_empty());
+    let (p, _) = Probe::new();
+    let d = dynp(&p);
+    buses
+        .register_dev(&mut slots, BusKind::Pio, r(0x100, 4), d.clone())
+        .unwrap();
+    buses.write(BusKind::Pio, 0x100, &[1]).unwrap();
+    assert_eq!(p.calls.load(SeqCst), 1);
+    buses.unregister_dev(&mut slots, BusKind::Pio, &d).unwrap();
+    assert_eq!(buses.retired_tables(&slots), none);
+    assert_eq!(Arc::strong_count(&p), 2, "the test's two handles only");
+}
+
+#[test]
+fn a_panicking_device_drop_in_wait_leaves_the_buses_usable_classic() {
+    a_panicking_device_drop_in_wait_leaves_the_buses_usable(Buses::new());
+}
+
+#[test]
+fn a_panicking_device_drop_in_wait_leaves_the_buses_usable_fast() {
+    a_panicking_device_drop_in_wait_leaves_the_buses_usable(Buses::new_fast());
+}

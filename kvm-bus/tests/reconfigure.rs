@@ -448,9 +448,14 @@ fn removal_polls_notifies_and_refuses_to_wait_inside_a_section() {
         Err(BusError::InReadSection { kind: BusKind::Pio })
     );
     drop(g);
-    // That removal completes in the background.
+    // That removal completes in the background, its retired table freed
+    // with it (the registration's too: the grace period covered both).
     buses.srcu().barrier();
     assert_eq!(Arc::strong_count(&d), 1);
+    assert_eq!(
+        buses.retired_tables(&buses.lock_slots()),
+        kvm_bus::RetiredTables::default()
+    );
     // Polling completes a removal by itself; on_complete notifies.
     let mut slots = buses.lock_slots();
     buses
